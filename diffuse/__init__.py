@@ -1,0 +1,3 @@
+"""diffuse: config-driven diffusion models."""
+
+__version__ = "0.1.0"

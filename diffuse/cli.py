@@ -1,0 +1,94 @@
+"""argv → job name + Hydra overrides. The only place that knows about command-line flags.
+
+    diffuse JOB [overrides…] [--flag[=value]…] [Hydra flags: -m, --cfg job, --help, …]
+
+`--name[=value]` flags that are not Hydra's own become overrides (`--checkpoint P` → `checkpoint=P`,
+`--animation` → `animation.enabled=true`). Hydra's flags pass through untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+JOBS = {
+    "train": "train a diffusion model (default: shapes, 2-D, unet, linear DDPM)",
+    "sample": "draw samples from a checkpoint (default: newest under outputs/): samples.npz, grid.png",
+    "animate": "sample plus an animation of the denoising (= sample --animation)",
+}
+ALIASES = {"animate": ("sample", ["animation.enabled=true"])}
+
+# Hydra's own flags; those marked True take a value as the next argument.
+HYDRA_FLAGS = {"--multirun": False, "-m": False, "--cfg": True, "-c": True, "--package": True, "-p": True,
+               "--help": False, "-h": False, "--hydra-help": False, "--info": True, "-i": False,
+               "--resolve": False, "--run": False, "-r": False, "--shell-completion": False, "-sc": True,
+               "--config-path": True, "-cp": True, "--config-name": True, "-cn": True,
+               "--config-dir": True, "-cd": True, "--experimental-rerun": True, "--version": False}
+# Boolean flags that mean something other than `name=true`.
+FLAG_TARGETS = {"animation": "animation.enabled"}
+
+
+def usage() -> str:
+    lines = ["usage: diffuse JOB [key=value …] [--flag[=value] …] [-m] [--cfg job] [--help]", "", "jobs:"]
+    lines += [f"  {name:<8} {text}" for name, text in JOBS.items()]
+    lines += ["", "`diffuse JOB --help` lists the config groups and their choices.",
+              "Examples: diffuse train model=msnat dim=3 · diffuse sample --animation · "
+              "diffuse train -m trainer.lr=1e-4,3e-4"]
+    return "\n".join(lines)
+
+
+def translate(args: list[str]) -> list[str]:
+    """Turn `--name[=value]` flags into `name=value` overrides; leave Hydra's flags and overrides alone."""
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        name, eq, value = arg.partition("=")
+        if name in HYDRA_FLAGS:
+            out.append(arg)
+            if HYDRA_FLAGS[name] and not eq and i + 1 < len(args):
+                out.append(args[i + 1])
+                i += 1
+        elif arg.startswith("--") and len(arg) > 2:
+            key = name[2:].replace("-", "_")
+            if not eq:
+                nxt = args[i + 1] if i + 1 < len(args) else None
+                if nxt is not None and not nxt.startswith("-") and "=" not in nxt:
+                    value, i = nxt, i + 1
+                else:
+                    value = "true"
+            out.append(f"{FLAG_TARGETS.get(key, key)}={value}")
+        else:
+            out.append(arg)
+        i += 1
+    return out
+
+
+def _distributed_overrides() -> list[str]:
+    """Under torchrun only rank 0 writes a Hydra run dir; the others write nothing."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) > 0:
+        return ["hydra.output_subdir=null", "hydra.run.dir=.", "hydra/job_logging=disabled",
+                "hydra/hydra_logging=disabled"]
+    return []
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return
+    job, rest = argv[0], argv[1:]
+    if job not in JOBS:
+        print(f"diffuse: unknown job {job!r}; choose one of: {', '.join(JOBS)}", file=sys.stderr)
+        sys.exit(2)
+    config_name, extra = ALIASES.get(job, (job, []))
+    overrides = extra + translate(rest) + [f"hydra.job.name={config_name}"] + _distributed_overrides()
+    from diffuse.app import launch  # Hydra is imported only once we know there is a job to run
+
+    launch(config_name, overrides)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""The denoiser every sampler talks to: network output → ε̂ (and x̂₀, score), with classifier-free guidance.
+
+Samplers never see the network or its prediction type: they call `denoiser.eps(x, t)` with x in fp32
+and t a scalar time, and get ε̂ in fp32 (the network itself may run under autocast).
+Guidance (Ho & Salimans 2022): ε̂ = ε̂_∅ + w·(ε̂_y − ε̂_∅); w = guidance_scale, 1 = plain conditional.
+We follow the diffusers convention (w = 1 ⇒ conditional, w = 0 ⇒ unconditional); `guidance_scale: 0`
+in the config is read as "no guidance" (plain conditional, one network pass).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import Tensor
+
+from diffuse.diffusion.objectives import eps_to_x0, prediction_to_eps
+from diffuse.diffusion.schedules import Schedule
+
+
+class Denoiser:
+    def __init__(self, model, schedule: Schedule, prediction: str = "eps", y: Tensor | None = None,
+                 guidance_scale: float = 0.0, null_class: int | None = None, autocast_dtype=None):
+        self.model = model
+        self.schedule = schedule
+        self.prediction = prediction
+        self.y = y
+        self.guidance_scale = float(guidance_scale or 0.0)
+        self.null_class = null_class
+        self.autocast_dtype = autocast_dtype
+        self.nfe = 0  # network evaluations so far (a guided call counts as one: one batched pass)
+        if self.guided and (y is None or null_class is None):
+            raise ValueError("guidance_scale > 0 needs class labels and a model trained with a null class")
+
+    @property
+    def guided(self) -> bool:
+        return self.guidance_scale not in (0.0, 1.0)
+
+    def _net(self, x: Tensor, t: Tensor, y: Tensor | None) -> Tensor:
+        ctx = (torch.autocast(x.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
+               else contextlib.nullcontext())
+        with ctx:
+            return self.model(x, t, y).float()
+
+    @torch.no_grad()
+    def eps(self, x: Tensor, t: Tensor | float) -> Tensor:
+        """ε̂(x, t). x: [B, C, *spatial] fp32; t: scalar time (float or 0-d tensor)."""
+        t = torch.as_tensor(t, dtype=torch.float64)
+        b = x.shape[0]
+        t_batch = t.to(device=x.device, dtype=torch.float32).expand(b)
+        alpha, sigma = self.schedule.alpha(t), self.schedule.sigma(t)
+        self.nfe += 1
+        if not self.guided:
+            out = self._net(x, t_batch, self.y)
+            return prediction_to_eps(out, x, alpha, sigma, self.prediction)
+        y_null = torch.full_like(self.y, self.null_class)
+        out = self._net(torch.cat([x, x]), torch.cat([t_batch, t_batch]), torch.cat([self.y, y_null]))
+        eps_c, eps_u = prediction_to_eps(out, torch.cat([x, x]), alpha, sigma, self.prediction).chunk(2)
+        return eps_u + self.guidance_scale * (eps_c - eps_u)
+
+    def x0(self, x: Tensor, t: Tensor | float) -> Tensor:
+        t = torch.as_tensor(t, dtype=torch.float64)
+        return eps_to_x0(self.eps(x, t), x, self.schedule.alpha(t), self.schedule.sigma(t))
+
+    def score(self, x: Tensor, t: Tensor | float) -> Tensor:
+        """∇ₓ log p_t(x) = −ε̂/σ(t)."""
+        t = torch.as_tensor(t, dtype=torch.float64)
+        return -self.eps(x, t) / self.schedule.sigma(t).to(x.dtype)

@@ -1,0 +1,184 @@
+"""Noise schedules in one view: x_t = α(t)·x₀ + σ(t)·ε on continuous time t ∈ [0, 1].
+
+Every sampler and loss is written against `alpha(t)` and `sigma(t)` alone, so every sampler runs on
+every schedule. Discrete (DDPM-style) schedules keep their published table ᾱ_i exact at the grid
+points t_i = (i+1)/T and interpolate log ᾱ linearly in between (t = 0 is clean data, ᾱ = 1).
+
+The forward SDE follows from the pair (DESIGN.md §4): f(t) = d log α/dt, g²(t) = dσ²/dt − 2 f(t) σ².
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+class Schedule:
+    """Base class: subclasses define `alpha` and `sigma` (and may override the rest in closed form)."""
+
+    #: number of discrete training steps T, or None for a continuous-time schedule
+    num_timesteps: int | None = None
+    #: smallest and largest time a sampler visits (the data end t = 0 is always the last grid point)
+    t_min: float = 0.0
+    t_max: float = 1.0
+
+    def alpha(self, t: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def sigma(self, t: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    # ----- derived quantities -------------------------------------------------------------
+    def log_snr(self, t: Tensor) -> Tensor:
+        """λ(t) = log(α²/σ²)."""
+        return 2 * (torch.log(self.alpha(t)) - torch.log(self.sigma(t)))
+
+    def drift_coeff(self, t: Tensor) -> Tensor:
+        """f(t) = d log α / dt (the forward SDE is dx = f(t)·x dt + g(t) dW)."""
+        t = t.detach().to(torch.float64).requires_grad_(True)
+        (grad,) = torch.autograd.grad(torch.log(self.alpha(t)).sum(), t)
+        return grad
+
+    def diffusion_coeff_sq(self, t: Tensor) -> Tensor:
+        """g²(t) = dσ²/dt − 2 f(t) σ²."""
+        t64 = t.detach().to(torch.float64).requires_grad_(True)
+        (dvar,) = torch.autograd.grad((self.sigma(t64) ** 2).sum(), t64)
+        return dvar - 2 * self.drift_coeff(t) * self.sigma(t.to(torch.float64)) ** 2
+
+    def diffusion_coeff(self, t: Tensor) -> Tensor:
+        """g(t)."""
+        return self.diffusion_coeff_sq(t).clamp_min(0).sqrt()
+
+    @property
+    def prior_std(self) -> float:
+        """Std of the noise a sampler starts from: σ(t_max) (data contributes α(t_max)·x₀ ≈ 0 or ≪ σ)."""
+        return float(self.sigma(torch.tensor(self.t_max, dtype=torch.float64)))
+
+    # ----- time grids -------------------------------------------------------------------
+    def sample_training_times(self, batch: int, generator: torch.Generator | None = None,
+                              device: torch.device | str = "cpu") -> Tensor:
+        """Times for the training loss: uniform over the T grid points, or U[t_min, 1] if continuous."""
+        if self.num_timesteps is not None:
+            i = torch.randint(0, self.num_timesteps, (batch,), generator=generator, device=device)
+            return (i + 1).to(torch.float32) / self.num_timesteps
+        u = torch.rand(batch, generator=generator, device=device)
+        return self.t_min + (1.0 - self.t_min) * u
+
+    def timesteps(self, steps: int, spacing: str = "auto") -> Tensor:
+        """Descending sampling grid [t_0 = t_max, …, t_{steps−1}, 0]: `steps` network evaluations.
+
+        spacing (for discrete schedules; names as in diffusers):
+          - "linspace": indices round(linspace(T−1, 0, steps)): starts at T, ends at the first grid point.
+          - "leading":  indices k·(T // steps) + (steps − 1 − …): DDIM's original grid, never reaches T.
+          - "trailing": indices T − 1 − k·(T / steps): starts at T (Lin et al. 2024).
+          - "auto": "trailing" for discrete schedules, uniform in t for continuous ones.
+        The final 0 is the clean-data end: the last update jumps from the smallest t to t = 0.
+        """
+        if steps < 1:
+            raise ValueError(f"steps must be ≥ 1, got {steps}")
+        T = self.num_timesteps
+        if T is None:
+            if spacing not in ("auto", "linspace", "uniform"):
+                raise ValueError(f"continuous schedule supports spacing auto|linspace, got {spacing!r}")
+            grid = torch.linspace(self.t_max, self.t_min, steps, dtype=torch.float64)
+            return torch.cat([grid, grid.new_zeros(1)])
+        if steps > T:
+            raise ValueError(f"steps={steps} exceeds the schedule's T={T}")
+        if spacing == "auto":
+            spacing = "trailing"
+        if spacing == "linspace":
+            idx = torch.linspace(T - 1, 0, steps, dtype=torch.float64).round().long()
+        elif spacing == "leading":
+            stride = T // steps
+            idx = torch.arange(steps - 1, -1, -1, dtype=torch.long) * stride
+        elif spacing == "trailing":
+            idx = (T - torch.arange(0, steps, dtype=torch.float64) * (T / steps)).round().long() - 1
+        else:
+            raise ValueError(f"unknown spacing {spacing!r}; choose auto, linspace, leading or trailing")
+        grid = (idx.to(torch.float64) + 1) / T
+        return torch.cat([grid, grid.new_zeros(1)])
+
+
+class DiscreteSchedule(Schedule):
+    """A DDPM-style schedule given by its table ᾱ_i, i = 0…T−1, placed at t_i = (i+1)/T."""
+
+    def __init__(self, alphas_cumprod: Tensor):
+        self.alphas_cumprod = alphas_cumprod.to(torch.float64)
+        self.num_timesteps = len(alphas_cumprod)
+        self.t_min = 1.0 / self.num_timesteps
+        self.t_max = 1.0
+        # log ᾱ at t = 0, 1/T, …, 1 for piecewise-linear interpolation (ᾱ(0) = 1: clean data)
+        self._log_ac = torch.cat([torch.zeros(1, dtype=torch.float64), torch.log(self.alphas_cumprod)])
+
+    @property
+    def betas(self) -> Tensor:
+        ac = self.alphas_cumprod
+        prev = torch.cat([ac.new_ones(1), ac[:-1]])
+        return 1 - ac / prev
+
+    def log_alphas_cumprod(self, t: Tensor) -> Tensor:
+        """log ᾱ(t), exact at t = (i+1)/T, linear in t in between."""
+        table = self._log_ac.to(t.device)
+        pos = t.to(torch.float64).clamp(0, 1) * self.num_timesteps
+        lo = pos.floor().long().clamp(max=self.num_timesteps - 1)
+        frac = pos - lo
+        out = table[lo] * (1 - frac) + table[lo + 1] * frac
+        return out.to(t.dtype) if t.is_floating_point() else out
+
+    def alpha(self, t: Tensor) -> Tensor:
+        return torch.exp(0.5 * self.log_alphas_cumprod(t))
+
+    def sigma(self, t: Tensor) -> Tensor:
+        return torch.sqrt(-torch.expm1(self.log_alphas_cumprod(t)))
+
+
+class LinearSchedule(DiscreteSchedule):
+    """Ho et al. 2020: β linear from beta_start to beta_end over T steps, ᾱ_i = Π_{j≤i} (1 − β_j)."""
+
+    def __init__(self, beta_start: float = 1e-4, beta_end: float = 0.02, num_timesteps: int = 1000):
+        betas = torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64)
+        super().__init__(torch.cumprod(1 - betas, dim=0))
+        self.beta_start, self.beta_end = beta_start, beta_end
+
+
+class CosineSchedule(DiscreteSchedule):
+    """Nichol & Dhariwal 2021, eq. 17: ᾱ(t) = f(t)/f(0), f(t) = cos²(((t/T) + s)/(1 + s) · π/2), β ≤ max_beta."""
+
+    def __init__(self, num_timesteps: int = 1000, s: float = 0.008, max_beta: float = 0.999):
+        steps = torch.arange(num_timesteps + 1, dtype=torch.float64) / num_timesteps
+        f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
+        betas = (1 - f[1:] / f[:-1]).clamp(max=max_beta)
+        super().__init__(torch.cumprod(1 - betas, dim=0))
+        self.s, self.max_beta = s, max_beta
+
+
+class VESDESchedule(Schedule):
+    """Variance-exploding SDE as in Song's score-SDE tutorial (the conditional seed).
+
+    dx = σ^t dW, so α(t) = 1, g(t) = σ^t and σ(t) = marginal_prob_std(t) = √((σ^{2t} − 1) / (2 ln σ)).
+    Times live in [eps, 1]; the prior is N(0, σ(1)²).
+    """
+
+    def __init__(self, sigma: float = 25.0, eps: float = 1e-5):
+        self.sigma_max_base = float(sigma)
+        self.t_min = float(eps)
+        self.t_max = 1.0
+        self.num_timesteps = None
+
+    def alpha(self, t: Tensor) -> Tensor:
+        return torch.ones_like(t, dtype=t.dtype if t.is_floating_point() else torch.float32)
+
+    def sigma(self, t: Tensor) -> Tensor:
+        log_s = math.log(self.sigma_max_base)
+        return torch.sqrt(torch.expm1(2 * t * log_s) / (2 * log_s))
+
+    def drift_coeff(self, t: Tensor) -> Tensor:
+        return torch.zeros_like(t, dtype=torch.float64)
+
+    def diffusion_coeff(self, t: Tensor) -> Tensor:
+        return self.sigma_max_base ** t.to(torch.float64)
+
+    def diffusion_coeff_sq(self, t: Tensor) -> Tensor:
+        return self.diffusion_coeff(t) ** 2

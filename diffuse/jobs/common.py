@@ -1,0 +1,106 @@
+"""What several jobs share: device choice, building parts from config, reading a run back from a checkpoint."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from diffuse.errors import DiffuseError
+from diffuse.training.checkpoint import find_latest_checkpoint, load_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(name: str) -> torch.device:
+    """auto = cuda → mps → cpu; an explicit device that is missing is an error, not a silent fallback."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise DiffuseError(f"device must be auto, cpu, cuda[:N] or mps; got {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DiffuseError("device=cuda but no CUDA device is available (use device=auto or device=cpu)")
+    return device
+
+
+def check_dim(cfg: DictConfig) -> int:
+    dim = cfg.get("dim")
+    if dim not in (1, 2, 3):
+        raise DiffuseError(f"dim must be 1, 2 or 3; got {dim!r}")
+    return dim
+
+
+def build(node: DictConfig | dict, what: str, **kwargs):
+    """hydra.utils.instantiate with a one-line error naming the config group on bad values."""
+    try:
+        return instantiate(node, **kwargs)
+    except DiffuseError:
+        raise
+    except Exception as e:  # noqa: BLE001 - Hydra wraps the constructor's error; show its root cause
+        root = e
+        while root.__cause__ is not None:
+            root = root.__cause__
+        msg = str(root).strip().splitlines()[-1] if str(root).strip() else type(root).__name__
+        raise DiffuseError(f"cannot build {what}: {msg}") from None
+
+
+def data_shape(dataset) -> tuple[int, ...]:
+    """[C, *spatial] of one item."""
+    return (dataset.channels, *([dataset.resolution] * dataset.dim))
+
+
+def find_checkpoint(spec: str | None, search_roots=("outputs", "multirun")) -> Path:
+    """`spec` may be a file, a run folder, or None/'auto' for the newest last.ckpt under outputs/."""
+    if spec in (None, "", "auto", "latest"):
+        found = find_latest_checkpoint(*search_roots)
+        if found is None:
+            raise DiffuseError("no checkpoint found under outputs/ or multirun/: run `diffuse train` first, "
+                               "or pass checkpoint=PATH")
+        return found
+    path = Path(spec)
+    if path.is_dir():
+        candidate = path / "checkpoints" / "last.ckpt"
+        if candidate.is_file():
+            return candidate
+        raise DiffuseError(f"no checkpoints/last.ckpt in run folder {path}")
+    if not path.exists():
+        raise DiffuseError(f"checkpoint not found: {path}")
+    return path
+
+
+@dataclass
+class LoadedRun:
+    """A trained run rebuilt from its checkpoint alone."""
+
+    path: Path
+    config: DictConfig
+    model: torch.nn.Module  # the EMA weights, in eval mode
+    schedule: object
+    step: int
+    state: dict
+
+
+def load_run(spec: str | None, device: torch.device, use_ema: bool = True) -> LoadedRun:
+    path = find_checkpoint(spec)
+    state = load_checkpoint(path)
+    cfg = OmegaConf.create(state["config"])
+    model = build(cfg.model, "model")
+    weights = state["ema"]["model"] if use_ema and "ema" in state else state["model"]
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        raise DiffuseError(f"checkpoint {path} does not match its own model config: {str(e).splitlines()[0]}") from None
+    model.to(device).eval().requires_grad_(False)
+    schedule = build(cfg.schedule, "schedule")
+    log.info("loaded %s (step %d)", path, state["step"])
+    return LoadedRun(path=path, config=cfg, model=model, schedule=schedule, step=int(state["step"]), state=state)

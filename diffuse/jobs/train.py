@@ -1,0 +1,146 @@
+"""`diffuse train`: compose data, model, schedule, loss and trainer from the config, then fit."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from diffuse import media
+from diffuse.data.loader import BatchStream
+from diffuse.diffusion.generation import class_labels, generate
+from diffuse.diffusion.objectives import DiffusionLoss
+from diffuse.errors import DiffuseError
+from diffuse.jobs.common import build, check_dim, data_shape, find_checkpoint, resolve_device
+from diffuse.tracking import Tracker
+from diffuse.training.checkpoint import load_checkpoint
+from diffuse.training.distributed import broadcast_object, cleanup, init_distributed
+from diffuse.training.ema import EMA
+from diffuse.training.loop import Trainer, TrainerConfig, build_lr_scheduler, build_optimizer
+
+log = logging.getLogger(__name__)
+
+# Groups whose choice defines the run: a resumed run keeps them from its checkpoint.
+RUN_DEFINING = ("model", "schedule", "dataset", "dim", "objective", "conditional", "latent")
+
+
+def merge_resume_config(saved: dict, cfg: DictConfig, overrides: list[str]) -> DictConfig:
+    """The resumed run's config: the checkpoint's, plus the scalar overrides given on this command line
+    (e.g. trainer.max_steps=…). Changing what defines the run (model, data, schedule…) is refused."""
+    merged = OmegaConf.create(saved)
+    for item in overrides:
+        key = item.split("=", 1)[0].lstrip("+~")
+        if key == "resume" or key.startswith("hydra."):
+            continue
+        if key.split(".")[0] in RUN_DEFINING:
+            raise DiffuseError(f"cannot change {key!r} when resuming: the run keeps its {key.split('.')[0]}; "
+                               "start a new run instead")
+        # a group choice (logger=none) replaces the whole node; a value (trainer.max_steps=…) just itself
+        OmegaConf.update(merged, key, OmegaConf.select(cfg, key), force_add=True, merge=False)
+    return merged
+
+
+def resolve_resume(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> tuple[DictConfig, Path, dict | None]:
+    """resume: null (fresh run) | auto (newest run under outputs/) | PATH (checkpoint file or run folder)."""
+    if not cfg.get("resume"):
+        return cfg, run_dir, None
+    path = find_checkpoint(None if cfg.resume in ("auto", True) else str(cfg.resume))
+    state = load_checkpoint(path)
+    merged = merge_resume_config(state["config"], cfg, overrides)
+    merged.resume = str(path)
+    log.info("resuming %s from step %d", path, state["step"])
+    return merged, path.parent.parent, state
+
+
+def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> dict:
+    cfg, run_dir, state = resolve_resume(cfg, Path(run_dir), overrides or [])
+    check_dim(cfg)
+    device = resolve_device(cfg.device)
+    dist = init_distributed(device)
+    try:
+        return _train(cfg, run_dir, state, device, dist)
+    finally:
+        cleanup(dist)
+
+
+def _train(cfg, run_dir, state, device, dist) -> dict:
+    if dist.enabled and device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
+        torch.cuda.set_device(device)
+    run_dir = Path(broadcast_object(str(run_dir), dist))
+    torch.manual_seed(cfg.seed + dist.rank)
+    tcfg = cfg.trainer
+
+    dataset = build(cfg.dataset, "dataset")
+    if dataset.dim != cfg.dim:
+        raise DiffuseError(f"dataset {cfg.dataset._target_.rsplit('.', 1)[-1]} is {dataset.dim}-D but dim={cfg.dim}")
+    model = build(cfg.model, "model").to(device)
+    schedule = build(cfg.schedule, "schedule")
+    null_class = getattr(model, "null_class", None)
+    loss_fn = DiffusionLoss(prediction=cfg.objective.prediction, weighting=cfg.objective.weighting,
+                            min_snr_gamma=cfg.objective.min_snr_gamma,
+                            cond_drop_prob=tcfg.cond_drop_prob if null_class is not None else 0.0,
+                            null_class=null_class)
+    data = BatchStream(dataset, tcfg.batch_size, seed=cfg.seed, rank=dist.rank, world_size=dist.world_size,
+                       device=device)
+    max_steps = tcfg.max_steps
+    if tcfg.get("epochs"):
+        max_steps = int(tcfg.epochs) * data.batches_per_epoch
+    if not max_steps or max_steps < 1:
+        raise DiffuseError("set trainer.max_steps or trainer.epochs to a positive number")
+
+    ema = EMA(model, decay=tcfg.ema_decay, warmup=tcfg.ema_warmup)
+    train_model = model
+    if tcfg.compile:
+        train_model = torch.compile(model)
+    if dist.enabled:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            train_model, device_ids=[device.index] if device.type == "cuda" else None)
+    optimizer = build_optimizer(model, tcfg.lr, tcfg.weight_decay, tcfg.betas)
+    lr_scheduler = build_lr_scheduler(optimizer, tcfg.lr_schedule, max_steps, tcfg.lr, tcfg.warmup_steps,
+                                      tcfg.pct_start, tcfg.min_lr_ratio)
+
+    config_dict = OmegaConf.to_container(cfg, resolve=True)
+    n_params = sum(p.numel() for p in model.parameters())
+    tracker = Tracker(run_dir, mode=cfg.logger.mode, project=cfg.logger.project, config=config_dict,
+                      name=cfg.logger.get("name"), run_id=state.get("wandb_id") if state else None,
+                      enabled=dist.is_main)
+    sample_shape = data_shape(dataset)
+    num_classes = int(getattr(model, "num_classes", 0) or 0)
+    sampler = build(cfg.sampler, "sampler")
+    if tcfg.get("sample_steps"):
+        sampler.steps = min(int(tcfg.sample_steps), sampler.steps)
+
+    def on_sample(step: int, ema_model) -> None:
+        labels = class_labels(tcfg.num_sample_images, num_classes)
+        out = generate(ema_model, schedule, sampler, sample_shape, tcfg.num_sample_images, labels=labels,
+                       seed=cfg.seed, batch_size=tcfg.batch_size, prediction=cfg.objective.prediction,
+                       null_class=null_class, device=device)
+        nrow = len(out.x) // num_classes if num_classes else None
+        path = media.save_grid(out.x, run_dir / "samples" / f"step_{step}.png", nrow=nrow)
+        tracker.log_image("samples", path, step)
+        log.info("step %d: samples → %s", step, path)
+
+    trainer = Trainer(train_model, loss_fn, schedule, data, optimizer, lr_scheduler, ema,
+                      TrainerConfig(max_steps=max_steps, log_every=tcfg.log_every,
+                                    checkpoint_every=tcfg.checkpoint_every, sample_every=tcfg.sample_every,
+                                    grad_clip=tcfg.grad_clip, precision=tcfg.precision),
+                      run_dir, tracker, dist, device, cfg.seed, config_dict,
+                      on_sample=on_sample if tcfg.sample_every else None)
+    trainer.extra_state = {"wandb_id": tracker.run_id or ""}
+    if state is not None:
+        trainer.load_state_dict(state)
+    if dist.is_main:
+        log.info("model %s: %.2fM parameters; %d steps of batch %d×%d on %s; run dir %s",
+                 cfg.model._target_.rsplit(".", 1)[-1], n_params / 1e6, max_steps, tcfg.batch_size,
+                 dist.world_size, device, run_dir)
+    try:
+        summary = trainer.fit()
+    finally:
+        tracker.finish()
+    summary.update(run_dir=str(run_dir), parameters=n_params)
+    if dist.is_main:
+        log.info("done: step %d, loss %.4f, checkpoint %s", summary["step"], summary["loss"], summary["checkpoint"])
+    return summary

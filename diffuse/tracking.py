@@ -1,0 +1,131 @@
+"""Run tracking behind one small interface: `metrics.jsonl` always, Weights & Biases when it works.
+
+W&B must never stop or stall a run. mode: auto (online when an API key is configured, else offline),
+online, offline, disabled. Online W&B with no network can hang for minutes inside `wandb.init`, so we
+probe the server first with a few-second budget and fall back to offline with one warning line; any
+W&B error later disables W&B for the rest of the run (again with one warning), never the run itself.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import socket
+import threading
+from pathlib import Path
+from urllib.parse import urlparse
+
+log = logging.getLogger(__name__)
+
+MODES = ("auto", "online", "offline", "disabled")
+
+
+def _api_key_configured() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        return "api.wandb.ai" in netrc.read_text() or "wandb" in netrc.read_text()
+    except OSError:
+        return False
+
+
+def _reachable(url: str, timeout: float) -> bool:
+    """TCP connect to the W&B host within `timeout` seconds (DNS included, which may itself hang)."""
+    parsed = urlparse(url)
+    host, port = parsed.hostname or "api.wandb.ai", parsed.port or (443 if parsed.scheme != "http" else 80)
+    ok = [False]
+
+    def probe():
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                ok[0] = True
+        except OSError:
+            pass
+
+    th = threading.Thread(target=probe, daemon=True)
+    th.start()
+    th.join(timeout)
+    return ok[0]
+
+
+def resolve_mode(mode: str, probe_timeout: float = 3.0) -> str:
+    """The W&B mode to use for a requested one, after checking key and network."""
+    if mode not in MODES:
+        raise ValueError(f"logger.mode must be one of {', '.join(MODES)}; got {mode!r}")
+    env_mode = os.environ.get("WANDB_MODE")
+    if mode == "auto" and env_mode in ("online", "offline", "disabled"):
+        mode = env_mode
+    if mode == "auto":
+        mode = "online" if _api_key_configured() else "offline"
+    if mode == "online" and not _reachable(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"),
+                                           probe_timeout):
+        log.warning("W&B server unreachable: logging offline instead (sync later with `wandb sync`)")
+        mode = "offline"
+    return mode
+
+
+class Tracker:
+    """Writes metrics.jsonl in run_dir and mirrors everything to W&B. On non-main ranks does nothing."""
+
+    def __init__(self, run_dir: str | Path, mode: str = "auto", project: str = "diffuse",
+                 config: dict | None = None, name: str | None = None, run_id: str | None = None,
+                 enabled: bool = True, init_timeout: float = 30.0):
+        self.run_dir = Path(run_dir)
+        self.enabled = enabled
+        self.wandb = None
+        self.run_id = run_id
+        if not enabled:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        mode = resolve_mode(mode)
+        if mode == "disabled":
+            return
+        try:
+            import wandb
+
+            os.environ.setdefault("WANDB_SILENT", "true")
+            run = wandb.init(project=project, name=name, id=run_id, resume="allow" if run_id else None,
+                             dir=str(self.run_dir), config=config, mode=mode,
+                             settings=wandb.Settings(init_timeout=init_timeout, console="off",
+                                                     x_disable_stats=True))
+            self.wandb = wandb
+            self.run_id = run.id
+        except Exception as e:  # noqa: BLE001 - any W&B failure must leave the run alone
+            log.warning("W&B disabled for this run: %s", str(e).splitlines()[0] if str(e) else type(e).__name__)
+
+    def _wandb_call(self, fn, *args, **kwargs) -> None:
+        if self.wandb is None:
+            return
+        try:
+            fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001
+            log.warning("W&B logging failed, disabling it for this run: %s", e)
+            self.wandb = None
+
+    def log(self, metrics: dict, step: int) -> None:
+        if not self.enabled:
+            return
+        clean = {k: (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v)
+                 for k, v in metrics.items()}
+        record = {"step": step, **{k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                                   for k, v in clean.items()}}
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        self._wandb_call(lambda: self.wandb.log(clean, step=step))
+
+    def log_image(self, key: str, path: str | Path, step: int) -> None:
+        if self.enabled:
+            self._wandb_call(lambda: self.wandb.log({key: self.wandb.Image(str(path))}, step=step))
+
+    def log_video(self, key: str, path: str | Path, step: int, fps: int = 10) -> None:
+        if self.enabled:
+            self._wandb_call(lambda: self.wandb.log({key: self.wandb.Video(str(path), fps=fps)}, step=step))
+
+    def finish(self) -> None:
+        if self.wandb is not None:
+            self._wandb_call(self.wandb.finish)
+            self.wandb = None
