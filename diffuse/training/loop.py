@@ -11,6 +11,7 @@ import contextlib
 import logging
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -111,10 +112,18 @@ class Trainer:
         self.raw_model.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        if isinstance(self.lr_scheduler, torch.optim.lr_scheduler.OneCycleLR):
-            # resuming with a new trainer.max_steps stretches the cycle instead of failing at the old end
-            self.lr_scheduler.total_steps = max(self.cfg.max_steps, 2)
+        sched_state = state["lr_scheduler"]
+        if isinstance(self.lr_scheduler, torch.optim.lr_scheduler.OneCycleLR) \
+                and sched_state["total_steps"] != self.lr_scheduler.total_steps:
+            # resumed with a new trainer.max_steps: continue on the new cycle instead of failing at the old end
+            self.lr_scheduler.last_epoch = int(sched_state["last_epoch"])
+            self.lr_scheduler._step_count = int(sched_state["_step_count"])
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                for group, lr in zip(self.optimizer.param_groups, self.lr_scheduler.get_lr()):
+                    group["lr"] = lr
+        else:
+            self.lr_scheduler.load_state_dict(sched_state)
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
