@@ -102,14 +102,17 @@ def save_animation(states: Sequence[Tensor], path: str | Path, nrow: int | None 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     frames = [_upscale(render_grid(s, nrow)) for s in states]
-    frames += [frames[-1]] * max(0, int(round(hold_last * fps)))
     if path.suffix == ".gif":
-        imageio.mimsave(path, frames, duration=1000 / fps, loop=0)
+        # GIF writers merge identical frames, so the hold is the last frame's own duration
+        durations = [1000 / fps] * len(frames)
+        durations[-1] += 1000 * hold_last
+        imageio.mimsave(path, frames, duration=durations, loop=0)
     elif path.suffix == ".mp4":
         try:
             import imageio_ffmpeg  # noqa: F401
         except ImportError:
             raise RuntimeError("MP4 output needs imageio-ffmpeg: pip install 'diffuse[video]'") from None
+        frames += [frames[-1]] * max(0, int(round(hold_last * fps)))  # video: constant frame rate
         even = [f[: f.shape[0] // 2 * 2, : f.shape[1] // 2 * 2] for f in frames]
         imageio.mimsave(path, even, fps=fps, macro_block_size=1)
     else:

@@ -77,6 +77,7 @@ class Tracker:
         self.enabled = enabled
         self.wandb = None
         self.run_id = run_id
+        self.mode = "disabled"
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -86,16 +87,29 @@ class Tracker:
             return
         try:
             import wandb
-
-            os.environ.setdefault("WANDB_SILENT", "true")
-            run = wandb.init(project=project, name=name, id=run_id, resume="allow" if run_id else None,
-                             dir=str(self.run_dir), config=config, mode=mode,
-                             settings=wandb.Settings(init_timeout=init_timeout, console="off",
-                                                     x_disable_stats=True))
-            self.wandb = wandb
-            self.run_id = run.id
+        except ImportError:
+            log.warning("wandb is not installed: metrics go to metrics.jsonl only")
+            return
+        os.environ.setdefault("WANDB_SILENT", "true")
+        settings = dict(init_timeout=init_timeout, console="off", x_disable_stats=True)
+        kwargs = dict(project=project, name=name, id=run_id, resume="allow" if run_id else None,
+                      dir=str(self.run_dir), config=config)
+        try:
+            run = wandb.init(mode=mode, settings=wandb.Settings(**settings), **kwargs)
         except Exception as e:  # noqa: BLE001 - any W&B failure must leave the run alone
-            log.warning("W&B disabled for this run: %s", str(e).splitlines()[0] if str(e) else type(e).__name__)
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            if mode != "online":
+                log.warning("W&B disabled for this run: %s", reason)
+                return
+            log.warning("W&B online start failed (%s): logging offline instead", reason)
+            try:
+                run = wandb.init(mode="offline", settings=wandb.Settings(**settings), **kwargs)
+            except Exception as e2:  # noqa: BLE001
+                log.warning("W&B disabled for this run: %s", str(e2).splitlines()[0] if str(e2) else e2)
+                return
+        self.wandb = wandb
+        self.run_id = run.id
+        self.mode = mode if run.settings.mode != "offline" else "offline"
 
     def _wandb_call(self, fn, *args, **kwargs) -> None:
         if self.wandb is None:

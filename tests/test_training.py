@@ -1,0 +1,188 @@
+"""The training machinery: exact resume, NaN handling, checkpoints, EMA, LR schedules, data stream."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+from diffuse.data.loader import BatchStream
+from diffuse.data.shapes import ShapesDataset
+from diffuse.errors import DiffuseError
+from diffuse.jobs import train as train_job
+from diffuse.training.checkpoint import find_latest_checkpoint, load_checkpoint, save_checkpoint
+from diffuse.training.ema import EMA
+from diffuse.training.loop import build_lr_scheduler
+
+from conftest import TINY, compose_cfg
+
+
+def _train(tmp_path, name, overrides, extra_cli=()):
+    cfg = compose_cfg("train", TINY + overrides)
+    return train_job.run(cfg, tmp_path / name, list(extra_cli))
+
+
+def _losses(run_dir):
+    return {r["step"]: r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+
+
+def test_resume_is_exact(tmp_path):
+    """N steps straight == N/2 steps, stop, resume, N/2 steps: same losses, weights, EMA, optimizer."""
+    common = ["trainer.max_steps=8", "trainer.checkpoint_every=4", "model.dropout=0.1"]
+    _train(tmp_path, "straight", common)
+    straight = tmp_path / "straight"
+    # what an interrupted run leaves behind: its checkpoint at step 4
+    interrupted = tmp_path / "interrupted"
+    (interrupted / "checkpoints").mkdir(parents=True)
+    shutil.copy(straight / "checkpoints" / "step_4.ckpt", interrupted / "checkpoints" / "last.ckpt")
+    cfg = compose_cfg("train", TINY + common + [f"resume={interrupted}"])
+    summary = train_job.run(cfg, tmp_path / "ignored", [f"resume={interrupted}"])
+    assert summary["step"] == 8 and summary["run_dir"] == str(interrupted)
+
+    a = load_checkpoint(straight / "checkpoints" / "last.ckpt")
+    b = load_checkpoint(interrupted / "checkpoints" / "last.ckpt")
+    assert a["step"] == b["step"] == 8
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for key in a["ema"]["model"]:
+        assert torch.equal(a["ema"]["model"][key], b["ema"]["model"][key]), key
+    assert a["ema"]["num_updates"] == b["ema"]["num_updates"] == 8
+    assert a["lr_scheduler"]["last_epoch"] == b["lr_scheduler"]["last_epoch"] == 8
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(sa["exp_avg"], sb["exp_avg"])
+    losses_a, losses_b = _losses(straight), _losses(interrupted)
+    for step in (5, 6, 7, 8):
+        assert losses_a[step] == losses_b[step], step
+
+
+def test_resume_cannot_change_the_model(tmp_path):
+    _train(tmp_path, "run", ["trainer.max_steps=2"])
+    cfg = compose_cfg("train", TINY + ["trainer.max_steps=4", f"resume={tmp_path / 'run'}", "model.base_channels=16"])
+    with pytest.raises(DiffuseError, match="cannot change 'model.base_channels'"):
+        train_job.run(cfg, tmp_path / "x", [f"resume={tmp_path / 'run'}", "model.base_channels=16"])
+
+
+def test_nan_loss_stops_cleanly_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    original = train_job.DiffusionLoss.__call__
+    calls = {"n": 0}
+
+    def poisoned(self, *args, **kwargs):
+        calls["n"] += 1
+        loss = original(self, *args, **kwargs)
+        return loss * float("nan") if calls["n"] >= 4 else loss
+
+    monkeypatch.setattr(train_job.DiffusionLoss, "__call__", poisoned)
+    with pytest.raises(DiffuseError, match=r"loss became nan by step 4.*last good checkpoint kept"):
+        _train(tmp_path, "run", ["trainer.max_steps=10", "trainer.checkpoint_every=2", "trainer.log_every=5"])
+    last = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    assert last["step"] == 2
+    assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
+    assert not (tmp_path / "run" / "checkpoints" / "step_4.ckpt").exists()
+
+
+def test_checkpoint_errors_are_one_line(tmp_path):
+    missing = tmp_path / "nope.ckpt"
+    with pytest.raises(DiffuseError, match="checkpoint not found"):
+        load_checkpoint(missing)
+    corrupt = tmp_path / "corrupt.ckpt"
+    corrupt.write_bytes(b"\x00garbage" * 100)
+    with pytest.raises(DiffuseError, match="corrupt or not a PyTorch file"):
+        load_checkpoint(corrupt)
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, foreign)
+    with pytest.raises(DiffuseError, match="not a diffuse checkpoint"):
+        load_checkpoint(foreign)
+
+    class Evil:  # a pickle that would run code: weights_only refuses it
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"format": "diffuse-checkpoint", "x": Evil()}, evil)
+    with pytest.raises(DiffuseError, match="cannot read checkpoint"):
+        load_checkpoint(evil)
+
+
+def test_checkpoint_is_written_atomically(tmp_path):
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    save_checkpoint({"step": 1, "w": torch.ones(3)}, path)
+    save_checkpoint({"step": 2, "w": torch.ones(3)}, path)
+    assert load_checkpoint(path)["step"] == 2
+    assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]  # no temp files left behind
+    assert find_latest_checkpoint(tmp_path) == path
+
+
+def test_ema_warmup_and_average():
+    model = torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    ema = EMA(model, decay=0.9)
+    decays = []
+    value = 0.0
+    for step in range(1, 101):
+        with torch.no_grad():
+            model.weight.fill_(float(step))
+        d = ema.current_decay()
+        decays.append(d)
+        ema.update(model)
+        value = d * value + (1 - d) * step
+        assert ema.model.weight.item() == pytest.approx(value, rel=1e-5)
+    assert decays[0] == pytest.approx(0.1) and decays[1] == pytest.approx(2 / 11)
+    assert max(decays) == 0.9 and decays[79] < 0.9 and ema.num_updates == 100
+    restored = EMA(model, decay=0.9)
+    restored.load_state_dict(ema.state_dict())
+    assert restored.num_updates == 100 and restored.current_decay() == ema.current_decay()
+
+
+@pytest.mark.parametrize("name", ["onecycle", "cosine", "constant"])
+def test_lr_schedules(name):
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = build_lr_scheduler(opt, name, max_steps=100, lr=1.0, warmup_steps=10, pct_start=0.3)
+    lrs = []
+    for _ in range(100):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    if name == "onecycle":
+        assert max(lrs) == pytest.approx(1.0, rel=1e-3) and lrs.index(max(lrs)) in (29, 30)
+        assert lrs[0] == pytest.approx(1.0 / 25) and lrs[-1] < 1e-3
+    elif name == "cosine":
+        assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+        assert lrs[55] == pytest.approx(0.5 * (1 + math.cos(math.pi * 45 / 90)))
+    else:
+        assert lrs[0] == pytest.approx(0.1) and all(v == 1.0 for v in lrs[9:])
+
+
+def test_unknown_lr_schedule(tmp_path):
+    with pytest.raises(DiffuseError, match="lr_schedule must be one of onecycle, cosine, constant"):
+        _train(tmp_path, "r", ["trainer.max_steps=2", "trainer.lr_schedule=step"])
+
+
+def test_batch_stream_resumes_and_shards():
+    ds = ShapesDataset(dim=1, resolution=8, size=40)
+    a = BatchStream(ds, batch_size=4, seed=3)
+    seen = [next(a)[0] for _ in range(13)]  # crosses an epoch boundary (10 batches per epoch)
+    b = BatchStream(ds, batch_size=4, seed=3)
+    for _ in range(6):
+        next(b)
+    c = BatchStream(ds, batch_size=4, seed=3)
+    c.load_state_dict(b.state_dict())
+    for i in range(6, 13):
+        assert torch.equal(next(c)[0], seen[i])
+    r0 = BatchStream(ds, batch_size=4, seed=3, rank=0, world_size=2)
+    r1 = BatchStream(ds, batch_size=4, seed=3, rank=1, world_size=2)
+    assert set(r0._epoch_order().tolist()).isdisjoint(r1._epoch_order().tolist())
+
+
+def test_bf16_training_runs_on_cpu(tmp_path):
+    summary = _train(tmp_path, "bf16", ["trainer.max_steps=3", "trainer.precision=bf16"])
+    assert math.isfinite(summary["loss"])
+
+
+def test_bad_precision_and_dims(tmp_path):
+    with pytest.raises(DiffuseError, match="precision must be one of fp32, bf16, fp16"):
+        _train(tmp_path, "p", ["trainer.max_steps=2", "trainer.precision=fp8"])
+    with pytest.raises(DiffuseError, match="dim must be 1, 2 or 3; got 4"):
+        _train(tmp_path, "d", ["dim=4"])
