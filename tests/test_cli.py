@@ -42,6 +42,7 @@ def test_train_writes_the_run_folder(trained):
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert {"loss", "lr", "grad_norm", "images_per_s"} <= set(rows[0])
+    assert len(imageio.mimread(run / "samples" / "animation.gif")) > 2  # the end-of-training animation
     grid = imageio.imread(run / "samples" / "step_6.png")
     assert grid.ndim == 3 and grid.shape[2] == 3
     assert list((run / "wandb").glob("offline-run-*")), "offline W&B run expected"

@@ -74,6 +74,8 @@ def _train(cfg, run_dir, state, device, dist) -> dict:
     tcfg = cfg.trainer
 
     dataset = build(cfg.dataset, "dataset")
+    if hasattr(dataset, "to"):  # in-memory datasets live on the training device: no host→device copies
+        dataset.to(device)
     if dataset.dim != cfg.dim:
         raise DiffuseError(f"dataset {cfg.dataset._target_.rsplit('.', 1)[-1]} is {dataset.dim}-D but dim={cfg.dim}")
     model = build(cfg.model, "model").to(device)
@@ -114,14 +116,21 @@ def _train(cfg, run_dir, state, device, dist) -> dict:
         sampler.steps = min(int(tcfg.sample_steps), sampler.steps)
 
     def on_sample(step: int, ema_model) -> None:
+        """A grid of EMA samples (a row per class); at the last step also an animation of the denoising."""
+        final = step == max_steps and tcfg.final_animation
         labels = class_labels(tcfg.num_sample_images, num_classes)
         out = generate(ema_model, schedule, sampler, sample_shape, tcfg.num_sample_images, labels=labels,
                        seed=cfg.seed, batch_size=tcfg.batch_size, prediction=cfg.objective.prediction,
-                       null_class=null_class, device=device)
+                       null_class=null_class, device=device, trajectory=40 if final else False)
         nrow = len(out.x) // num_classes if num_classes else None
         path = media.save_grid(out.x, run_dir / "samples" / f"step_{step}.png", nrow=nrow)
         tracker.log_image("samples", path, step)
         log.info("step %d: samples → %s", step, path)
+        if final:
+            fps = 10
+            anim = media.save_animation(out.states, run_dir / "samples" / "animation.gif", nrow=nrow, fps=fps)
+            tracker.log_video("denoising", anim, step, fps=fps)
+            log.info("animation → %s", anim)
 
     trainer = Trainer(train_model, loss_fn, schedule, data, optimizer, lr_scheduler, ema,
                       TrainerConfig(max_steps=max_steps, log_every=tcfg.log_every,
