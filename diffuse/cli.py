@@ -17,8 +17,9 @@ JOBS = {
     "train": "train a diffusion model (default: shapes, 2-D, unet, linear DDPM)",
     "sample": "draw samples from a checkpoint (default: newest under outputs/): samples.npz, grid.png",
     "animate": "sample plus an animation of the denoising (= sample --animation)",
+    "train-vae": "train the autoencoder of latent diffusion (then: diffuse train latent.vae=PATH)",
 }
-ALIASES = {"animate": ("sample", ["animation.enabled=true"])}
+ALIASES = {"animate": ("sample", ["animation.enabled=true"]), "train-vae": ("train_vae", [])}
 
 # Hydra's own flags; those marked True take a value as the next argument.
 HYDRA_FLAGS = {"--multirun": False, "-m": False, "--cfg": True, "-c": True, "--package": True, "-p": True,
@@ -66,6 +67,24 @@ def translate(args: list[str]) -> list[str]:
     return out
 
 
+def split_flags(args: list[str]) -> tuple[list[str], list[str]]:
+    """Separate Hydra's flags (with their values) from overrides: Hydra's parser wants the overrides in one
+    run, so `experiment=x --cfg job` must reach it as `experiment=x … --cfg job`."""
+    overrides, flags = [], []
+    i = 0
+    while i < len(args):
+        name, eq, _ = args[i].partition("=")
+        if name in HYDRA_FLAGS:
+            flags.append(args[i])
+            if HYDRA_FLAGS[name] and not eq and i + 1 < len(args):
+                flags.append(args[i + 1])
+                i += 1
+        else:
+            overrides.append(args[i])
+        i += 1
+    return overrides, flags
+
+
 def _distributed_overrides() -> list[str]:
     """Under torchrun only rank 0 writes a Hydra run dir; the others write nothing."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) > 0:
@@ -84,7 +103,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"diffuse: unknown job {job!r}; choose one of: {', '.join(JOBS)}", file=sys.stderr)
         sys.exit(2)
     config_name, extra = ALIASES.get(job, (job, []))
-    overrides = extra + translate(rest) + [f"hydra.job.name={config_name}"] + _distributed_overrides()
+    overrides, flags = split_flags(translate(rest))
+    overrides = extra + overrides + [f"hydra.job.name={config_name}"] + _distributed_overrides() + flags
     from diffuse.app import launch  # Hydra is imported only once we know there is a job to run
 
     launch(config_name, overrides)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffuse.cli import translate
+from diffuse.cli import split_flags, translate
 
 from conftest import TINY, run_cli
 
@@ -53,13 +53,14 @@ def test_sample_with_animation_finds_newest_checkpoint(trained):
     cwd, run = trained
     proc = _ok(run_cli(["sample", "--animation", "sampler.steps=10", "num_samples=8", "animation.frames=5",
                         "animation.hold=0.5", "animation.fps=4", "device=cpu"], cwd))
-    printed = dict(re.findall(r"^(samples|grid|animation): (.+)$", proc.stdout, re.M))
-    assert set(printed) == {"samples", "grid", "animation"}
+    printed = dict(re.findall(r"^(samples|grid|animation|steps): (.+)$", proc.stdout, re.M))
+    assert set(printed) == {"samples", "grid", "animation", "steps"}
     data = np.load(printed["samples"])
     assert data["x"].shape == (8, 1, 8, 8) and data["x"].dtype == np.float32
     assert data["y"].tolist() == [0, 0, 1, 1, 2, 2, 3, 3]  # rows per class
     frames = imageio.mimread(printed["animation"])
     assert len(frames) == 5  # x_T, three states between, the sample
+    assert imageio.imread(printed["steps"]).shape[0] > imageio.imread(printed["steps"]).shape[1] / 5  # 4 rows
     from PIL import Image
     with Image.open(printed["animation"]) as gif:
         durations = []
@@ -108,7 +109,8 @@ def test_multirun_sweep_runs_two_jobs(tmp_path):
 
 
 def test_cfg_job_prints_config_and_help_lists_jobs(tmp_path):
-    proc = _ok(run_cli(["train", "--cfg", "job", "model.base_channels=16"], tmp_path))
+    proc = _ok(run_cli(["train", "model.base_channels=16", "--cfg", "job", "seed=3"], tmp_path))
+    assert "seed: 3" in proc.stdout
     assert "base_channels: 16" in proc.stdout and "_target_: diffuse.models.unet.UNet" in proc.stdout
     assert not (tmp_path / "outputs").exists()
     proc = _ok(run_cli(["--help"], tmp_path))
@@ -148,3 +150,4 @@ def test_flag_translation():
     assert translate(["--animation", "--checkpoint", "a/b.ckpt", "--num-samples=4", "-m", "x=1"]) == [
         "animation.enabled=true", "checkpoint=a/b.ckpt", "num_samples=4", "-m", "x=1"]
     assert translate(["--cfg", "job", "--help"]) == ["--cfg", "job", "--help"]
+    assert split_flags(["a=1", "--cfg", "job", "b=2", "-m"]) == (["a=1", "b=2"], ["--cfg", "job", "-m"])

@@ -1,0 +1,359 @@
+"""`mnist`, `fashion`, `flowers102`: torchvision's datasets, held in memory as one uint8 tensor.
+
+Each set is read once through torchvision's dataset class, brought to `resolution` once (MNIST/Fashion:
+antialiased bilinear resize; Flowers102: shorter side resized, then center crop, decoded by a DataLoader
+with workers and cached as a .pt file next to the JPEGs), and kept as uint8 [N, C, R, R] (60000 MNIST
+images at 28×28 = 47 MB). `to(device)` moves that tensor to the GPU, so a batch is one index + one
+conversion to [−1, 1] on the device and data loading is never the bottleneck.
+
+Files that are missing give a one-line DiffuseError at once, naming the folder and the files expected
+there. The network is touched only with `download=true`, and then only after a short connection probe,
+so an offline machine fails in seconds instead of hanging.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from collections.abc import Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import ClassVar
+from urllib.parse import urlparse
+
+import torch
+import torchvision
+from torch import Tensor
+
+from diffuse.errors import DiffuseError
+
+log = logging.getLogger(__name__)
+
+PROBE_TIMEOUT_S = 5.0      # connection probe before any download
+DOWNLOAD_TIMEOUT_S = 60.0  # per blocking socket operation during a download (a stalled transfer fails)
+LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2, as torchvision's rgb_to_grayscale
+
+
+def default_root() -> Path:
+    """$DIFFUSE_DATA, else ~/.cache/diffuse/data."""
+    return Path(os.environ.get("DIFFUSE_DATA") or "~/.cache/diffuse/data").expanduser()
+
+
+def reachable(urls: Sequence[str], timeout: float = PROBE_TIMEOUT_S) -> bool:
+    """True when a TCP connection to one of the urls' hosts opens within `timeout` seconds (DNS included:
+    the probe runs in a daemon thread, since name lookup ignores socket timeouts)."""
+    if not urls:
+        return False
+    done, lock = threading.Event(), threading.Lock()
+    state = {"ok": False, "pending": len(urls)}
+
+    def probe(url: str) -> None:
+        u = urlparse(url)
+        ok = False
+        try:
+            with socket.create_connection((u.hostname, u.port or (443 if u.scheme == "https" else 80)),
+                                          timeout=timeout):
+                ok = True
+        except (OSError, ValueError):
+            pass
+        with lock:  # done at the first success, or once every probe has failed (refused: at once)
+            state["ok"] |= ok
+            state["pending"] -= 1
+            if ok or not state["pending"]:
+                done.set()
+
+    for url in urls:
+        threading.Thread(target=probe, args=(url,), daemon=True).start()
+    done.wait(timeout)
+    with lock:
+        return state["ok"]
+
+
+@contextmanager
+def _socket_timeout(seconds: float):
+    """torchvision's urllib downloads have no timeout of their own; bound every blocking read."""
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(old)
+
+
+def resize_uint8(images: Tensor, size: int, chunk: int = 8192) -> Tensor:
+    """[N, C, H, W] uint8 → [N, C, size, size] uint8, antialiased bilinear (done once, at load)."""
+    out = torch.empty((images.shape[0], images.shape[1], size, size), dtype=torch.uint8)
+    for i in range(0, len(images), chunk):
+        x = torch.nn.functional.interpolate(images[i:i + chunk].float(), size=(size, size), mode="bilinear",
+                                            antialias=True, align_corners=False)
+        out[i:i + chunk] = x.round().clamp(0, 255).to(torch.uint8)
+    return out
+
+
+class InMemoryImages:
+    """A labelled image set as one uint8 tensor; the dataset interface of `diffuse.data`.
+
+    images: uint8 [N, C_stored, R, R] (C_stored is 1 or 3; grey is replicated per batch when channels=3)
+    labels: int64 [N]
+    """
+
+    name = "images"
+    splits: ClassVar[tuple[str, ...]] = ("train", "test")
+    CLASS_NAMES: ClassVar[tuple[str, ...]] = ()
+    download_urls: ClassVar[tuple[str, ...]] = ()  # probed before any download
+
+    def __init__(self, root: str | os.PathLike | None = None, download: bool = False, split: str = "train",
+                 resolution: int = 28, channels: int = 1, num_classes: int | None = None, dim: int = 2,
+                 hflip: bool | None = None):
+        if dim != 2:
+            raise DiffuseError(f"dataset {self.name} is 2-D only; got dim={dim}")
+        if split not in self.splits:
+            raise DiffuseError(f"dataset {self.name}: split must be one of {', '.join(self.splits)}; got {split!r}")
+        if channels not in (1, 3):
+            raise DiffuseError(f"dataset {self.name}: channels must be 1 (grey) or 3 (RGB); got {channels}")
+        total = len(self.CLASS_NAMES)
+        num_classes = total if num_classes is None else int(num_classes)
+        if not 1 <= num_classes <= total:
+            raise DiffuseError(f"dataset {self.name} has {total} classes; num_classes must be 1…{total}, "
+                               f"got {num_classes}")
+        if int(resolution) < 1:
+            raise DiffuseError(f"dataset {self.name}: resolution must be positive; got {resolution}")
+        self.dim, self.resolution, self.channels = 2, int(resolution), int(channels)
+        self.num_classes, self.split = num_classes, split
+        self.class_names = tuple(self.CLASS_NAMES[:num_classes])
+        self.hflip = bool(self.default_hflip(split) if hflip is None else hflip)
+        self.root = Path(root).expanduser() if root not in (None, "") else default_root()
+
+        self._ensure_files(bool(download))
+        images, labels = self._read()                      # uint8 [N, C, R, R], int64 [N]
+        if images.shape[1] == 3 and self.channels == 1:    # RGB → grey once; grey → RGB per batch (a view)
+            w = torch.tensor(LUMA).view(1, 3, 1, 1)
+            images = (images.float() * w).sum(1, keepdim=True).round().clamp(0, 255).to(torch.uint8)
+        if num_classes < total:                            # the first num_classes classes only
+            keep = labels < num_classes
+            images, labels = images[keep], labels[keep]
+        self.images, self.labels = images.contiguous(), labels.long()
+
+    # -- what each dataset says about itself -----------------------------------------------------------
+    def default_hflip(self, split: str) -> bool:
+        return False
+
+    def folder(self) -> Path:
+        """Where the files are expected."""
+        raise NotImplementedError
+
+    def expected_files(self) -> list[str]:
+        raise NotImplementedError
+
+    def _read(self) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def _download(self) -> None:
+        raise NotImplementedError
+
+    # -- files: present, or downloaded with a bounded wait, or a clear error -----------------------------
+    def _missing(self) -> list[str]:
+        return [f for f in self.expected_files() if not (self.folder() / f).exists()]
+
+    def _ensure_files(self, download: bool) -> None:
+        missing = self._missing()
+        if not missing:
+            return
+        expected = self.expected_files()
+        where = (f"{self.folder()} (expected {', '.join(expected)}"
+                 f"{'' if len(missing) == len(expected) else '; missing ' + ', '.join(missing)})")
+        if not download:
+            raise DiffuseError(f"dataset {self.name}: files not found in {where}: set dataset.download=true "
+                               f"to fetch them (needs internet), or copy them there, or point dataset.root "
+                               f"(default $DIFFUSE_DATA, else ~/.cache/diffuse/data) at a folder that has them")
+        hosts = ", ".join(sorted({urlparse(u).hostname or u for u in self.download_urls}))
+        if not reachable(self.download_urls):
+            raise DiffuseError(f"dataset {self.name}: cannot reach {hosts} to download (offline?): copy the "
+                               f"files into {where} instead")
+        log.info("downloading %s into %s", self.name, self.root)
+        try:
+            with _socket_timeout(DOWNLOAD_TIMEOUT_S):
+                self._download()
+        except Exception as e:  # noqa: BLE001 - any failure of the download is the user's one-line error
+            msg = " ".join(str(e).split()) or type(e).__name__
+            raise DiffuseError(f"dataset {self.name}: download from {hosts} failed ({msg}); copy the files "
+                               f"into {where} instead") from None
+        if self._missing():
+            raise DiffuseError(f"dataset {self.name}: download finished but files are still missing in {where}")
+
+    # -- the dataset interface --------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def device(self) -> torch.device:
+        return self.images.device
+
+    def to(self, device: torch.device | str) -> InMemoryImages:
+        """Move the uint8 images and labels to `device`; get_batch then indexes and converts there."""
+        self.images, self.labels = self.images.to(device), self.labels.to(device)
+        return self
+
+    def get_batch(self, indices: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """indices: [B] int64 → x float32 [B, channels, R, R] in [−1, 1], y int64 [B], on self.device.
+
+        Random horizontal flips (hflip) are drawn from `generator` (a CPU generator is fine), so a batch
+        is a function of (indices, generator state) only, wherever the data lives.
+        """
+        indices = indices.to(self.images.device)
+        x = self.images[indices].float().div_(127.5).sub_(1.0)
+        if self.hflip:
+            flip = torch.rand(len(indices), generator=generator) < 0.5
+            flip = flip.to(x.device).view(-1, 1, 1, 1)
+            x = torch.where(flip, x.flip(-1), x)
+        if x.shape[1] != self.channels:  # grey stored, RGB asked: replicate
+            x = x.expand(-1, self.channels, -1, -1).contiguous()
+        return x, self.labels[indices]
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(split={self.split}, n={len(self)}, resolution={self.resolution}, "
+                f"channels={self.channels}, num_classes={self.num_classes}, hflip={self.hflip}, "
+                f"device={self.device})")
+
+
+class _IdxImages(InMemoryImages):
+    """MNIST-format sets: four uncompressed IDX files in <root>/<Name>/raw (torchvision's layout)."""
+
+    tv_class = torchvision.datasets.MNIST
+
+    def folder(self) -> Path:
+        return self.root / self.tv_class.__name__ / "raw"
+
+    def expected_files(self) -> list[str]:
+        return [name.removesuffix(".gz") for name, _ in self.tv_class.resources]
+
+    def _download(self) -> None:
+        self.tv_class(str(self.root), train=True, download=True)
+
+    def _read(self) -> tuple[Tensor, Tensor]:
+        try:
+            tv = self.tv_class(str(self.root), train=self.split == "train", download=False)
+        except Exception as e:  # noqa: BLE001 - e.g. a truncated file
+            raise DiffuseError(f"dataset {self.name}: cannot read the files in {self.folder()}: "
+                               f"{' '.join(str(e).split())}") from None
+        images = tv.data.unsqueeze(1)  # uint8 [N, 1, 28, 28]
+        if self.resolution != images.shape[-1]:
+            images = resize_uint8(images, self.resolution)
+        return images, tv.targets.long()
+
+
+class MNISTDataset(_IdxImages):
+    """MNIST (LeCun et al. 1998): 60000 train + 10000 test grey digits, 28×28, 10 classes."""
+
+    name = "mnist"
+    tv_class = torchvision.datasets.MNIST
+    CLASS_NAMES = tuple(str(d) for d in range(10))
+    download_urls = tuple(torchvision.datasets.MNIST.mirrors)
+
+
+class FashionMNISTDataset(_IdxImages):
+    """Fashion-MNIST (Xiao et al. 2017): 60000 + 10000 grey clothing images, 28×28, 10 classes."""
+
+    name = "fashion"
+    tv_class = torchvision.datasets.FashionMNIST
+    CLASS_NAMES = tuple(torchvision.datasets.FashionMNIST.classes)
+    download_urls = tuple(torchvision.datasets.FashionMNIST.mirrors)
+
+
+class _Flowers102Folder(torchvision.datasets.Flowers102):
+    """torchvision's Flowers102 on a folder whose files exist (the .mat MD5s are checked on download only,
+    so a copied or hand-made folder in the same format loads too)."""
+
+    def _check_integrity(self) -> bool:
+        return self._images_folder.is_dir() and all(
+            (self._base_folder / self._file_dict[k][0]).is_file() for k in ("label", "setid"))
+
+
+class Flowers102Dataset(InMemoryImages):
+    """Oxford 102 Flowers (Nilsback & Zisserman 2008): RGB photos, 102 classes; splits train (1020),
+    val (1020), test (6149). Decoded once to resolution×resolution (shorter side resized, center crop)
+    and cached next to the images as `diffuse-<split>-<R>px.pt`; random horizontal flips on train."""
+
+    name = "flowers102"
+    splits = ("train", "val", "test")
+    CLASS_NAMES = tuple(torchvision.datasets.Flowers102.classes)
+    download_urls = (torchvision.datasets.Flowers102._download_url_prefix,)
+
+    def __init__(self, root=None, download: bool = False, split: str = "train", resolution: int = 64,
+                 channels: int = 3, num_classes: int | None = None, dim: int = 2, hflip: bool | None = None,
+                 num_workers: int | None = None):
+        self.num_workers = num_workers
+        super().__init__(root=root, download=download, split=split, resolution=resolution, channels=channels,
+                         num_classes=num_classes, dim=dim, hflip=hflip)
+
+    def default_hflip(self, split: str) -> bool:
+        return split == "train"
+
+    def folder(self) -> Path:
+        return self.root / "flowers-102"
+
+    def expected_files(self) -> list[str]:
+        return ["jpg/", "imagelabels.mat", "setid.mat"]
+
+    def _download(self) -> None:
+        _Flowers102Folder(str(self.root), split=self.split, download=True)
+
+    def cache_path(self) -> Path:
+        return self.folder() / f"diffuse-{self.split}-{self.resolution}px.pt"
+
+    def _read(self) -> tuple[Tensor, Tensor]:
+        from torch.utils.data import DataLoader
+        from torchvision.transforms import v2
+
+        try:
+            import scipy.io  # noqa: F401 - torchvision reads the .mat label files with it
+        except ImportError:
+            raise DiffuseError("dataset flowers102 needs scipy to read its .mat files: pip install scipy") from None
+        r = self.resolution
+        transform = v2.Compose([v2.Resize(r, antialias=True), v2.CenterCrop(r), v2.PILToTensor()])
+        try:
+            tv = _Flowers102Folder(str(self.root), split=self.split, transform=transform)
+        except Exception as e:  # noqa: BLE001 - unreadable .mat files
+            raise DiffuseError(f"dataset flowers102: cannot read the files in {self.folder()}: "
+                               f"{' '.join(str(e).split())}") from None
+        files = [p.name for p in tv._image_files]
+        cached = self._load_cache(files)
+        if cached is not None:
+            return cached
+        absent = [f for f in files if not (tv._images_folder / f).is_file()]
+        if absent:
+            raise DiffuseError(f"dataset flowers102: {len(absent)} images of split {self.split} missing in "
+                               f"{tv._images_folder} (first: {absent[0]})")
+        workers = self.num_workers
+        if workers is None:  # worker start-up costs more than it saves on a few hundred images
+            workers = min(8, os.cpu_count() or 1) if len(tv) >= 512 else 0
+        log.info("decoding %d Flowers102 %s images to %d×%d (%d workers, once)", len(tv), self.split, r, r, workers)
+        loader = DataLoader(tv, batch_size=64, shuffle=False, num_workers=workers)
+        xs, ys = zip(*loader)
+        images, labels = torch.cat(xs).contiguous(), torch.cat(ys).long()
+        self._save_cache(images, labels, files)
+        return images, labels
+
+    def _load_cache(self, files: list[str]) -> tuple[Tensor, Tensor] | None:
+        path = self.cache_path()
+        if not path.is_file():
+            return None
+        try:
+            state = torch.load(path, weights_only=True)
+        except Exception:  # noqa: BLE001 - a damaged cache is just decoded again
+            return None
+        if state.get("files") != files or tuple(state["images"].shape[-2:]) != (self.resolution,) * 2:
+            return None
+        return state["images"], state["labels"]
+
+    def _save_cache(self, images: Tensor, labels: Tensor, files: list[str]) -> None:
+        path = self.cache_path()
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        try:
+            torch.save({"images": images, "labels": labels, "files": files}, tmp)
+            os.replace(tmp, path)
+        except OSError as e:  # a read-only data folder: decode again next time
+            log.warning("could not cache decoded Flowers102 at %s: %s", path, e)
+            tmp.unlink(missing_ok=True)
