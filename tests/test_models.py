@@ -1,0 +1,256 @@
+"""The model families (msnat, shufflenet, spatial_transformer) × the dims each supports: shapes, gradients to
+every parameter, conditioning, a few training steps; then what is particular to each."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from diffuse.errors import DiffuseError
+from diffuse.models.msnat import MSNATUNet, NATBlock, levels_for_dim
+from diffuse.models.shufflenet import ShuffleNetUNet, ShuffleUnit, channel_shuffle
+from diffuse.models.spatial_transformer import SpatialTransformerUNet
+
+from conftest import compose_cfg
+
+NUM_CLASSES = 3
+TINY_LEVELS = [dict(mult=1, depth=1, heads=2, kernel=3, dilations=[1, 2]), dict(mult=2, depth=1, heads=2, kernel=3)]
+
+
+def msnat(dim, num_classes=NUM_CLASSES, **kw):
+    return MSNATUNet(dim=dim, in_channels=2, base_channels=8, time_emb_dim=8, levels=TINY_LEVELS,
+                     num_classes=num_classes, **kw)
+
+
+def shufflenet(dim, num_classes=NUM_CLASSES, **kw):
+    return ShuffleNetUNet(dim=dim, in_channels=2, base_channels=16, channel_mult=(2, 4), units=1, time_emb_dim=16,
+                          num_classes=num_classes, **kw)
+
+
+def spatial_transformer(dim, num_classes=NUM_CLASSES, **kw):
+    return SpatialTransformerUNet(dim=dim, in_channels=2, channels=(8, 16, 16, 32), embed_dim=16, context_dim=16,
+                                  heads=2, num_classes=num_classes, **kw)
+
+
+# (factory, dim, spatial size): every dim each model supports, at a small size it accepts
+CASES = [(msnat, 1, 16), (msnat, 2, 8), (msnat, 3, 8), (shufflenet, 2, 12),
+         (spatial_transformer, 1, 20), (spatial_transformer, 2, 18), (spatial_transformer, 3, 17)]
+IDS = [f"{f.__name__}-{d}d" for f, d, _ in CASES]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The machine is shared: one intra-op thread keeps these small models fast and steady."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def batch(dim, size, n=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 2, *([size] * dim), generator=g)
+    t = torch.rand(n, generator=g)
+    y = torch.randint(0, NUM_CLASSES, (n,), generator=g)
+    return x, t, y
+
+
+def one_step(model, x, t, y):
+    """One AdamW step on an MSE to a random target: the zero-initialised output layers move off zero."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    target = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    torch.nn.functional.mse_loss(model(x, t, y), target).backward()
+    opt.step()
+    opt.zero_grad()
+
+
+@pytest.mark.parametrize("factory,dim,size", CASES, ids=IDS)
+def test_output_has_the_input_shape(factory, dim, size):
+    torch.manual_seed(0)
+    model = factory(dim)
+    x, t, y = batch(dim, size)
+    assert model(x, t, y).shape == x.shape
+    assert model(x, t, None).shape == x.shape  # y = None: the null class
+    assert model.num_classes == NUM_CLASSES and model.null_class == NUM_CLASSES
+    unconditional = factory(dim, num_classes=0)
+    assert unconditional.null_class is None and unconditional(x, t).shape == x.shape
+
+
+@pytest.mark.parametrize("factory,dim,size", CASES, ids=IDS)
+def test_gradients_reach_every_parameter(factory, dim, size):
+    torch.manual_seed(0)
+    model = factory(dim)
+    x, t, y = batch(dim, size)
+    one_step(model, x, t, y)  # zero-initialised heads pass no gradient back until they have moved once
+    model(x, t, y).square().mean().backward()
+    for name, p in model.named_parameters():
+        if "cross_attn.to_q" in name:
+            # Cross-attention on the class embedding, one context token (as in the seed): the softmax over
+            # one key is 1 whatever the query, so the query projection cannot get a gradient.
+            continue
+        assert p.grad is not None, f"{name}: no gradient"
+        assert p.grad.abs().sum() > 0, f"{name}: gradient all zero"
+
+
+@pytest.mark.parametrize("factory,dim,size", CASES, ids=IDS)
+def test_conditioning_changes_the_output(factory, dim, size):
+    torch.manual_seed(0)
+    model = factory(dim)
+    x, t, y = batch(dim, size)
+    one_step(model, x, t, y)
+    model.eval()
+    with torch.no_grad():
+        outs = [model(x, t, torch.full((len(x),), c)) for c in range(NUM_CLASSES)] + [model(x, t, None)]
+        later = model(x, (t + 0.3) % 1, y)
+    for i in range(len(outs)):
+        for j in range(i + 1, len(outs)):
+            assert (outs[i] - outs[j]).abs().max() > 1e-6, (i, j)
+    assert (later - model(x, t, y)).abs().max() > 1e-6  # time matters too
+    torch.testing.assert_close(model(x, t, None), model(x, t, torch.full((len(x),), model.null_class)))
+
+
+@pytest.mark.parametrize("factory,dim,size", CASES, ids=IDS)
+def test_a_few_steps_lower_the_loss_on_a_fixed_batch(factory, dim, size):
+    torch.manual_seed(0)
+    model = factory(dim)
+    x0, t, y = batch(dim, size)
+    x0 = x0.clamp(-1, 1)
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(2))
+    alpha, sigma = [f(t * torch.pi / 2).view(-1, *([1] * (dim + 1))) for f in (torch.cos, torch.sin)]
+    x_t = alpha * x0 + sigma * eps  # predict ε from x_t, as training does
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(20):
+        loss = torch.nn.functional.mse_loss(model(x_t, t, y), eps)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+# ----- MSNAT -----
+
+def test_msnat_levels_come_from_the_dims_entry():
+    by_dim = {"dim1": [dict(kernel=9)], "dim2": [dict(kernel=5), dict(kernel=3)], "dim3": [dict(kernel=3)]}
+    assert [s.kernel for s in levels_for_dim(by_dim, 2)] == [5, 3]
+    assert [s.kernel for s in levels_for_dim(by_dim, 1)] == [9]
+    assert levels_for_dim([dict(dilations=2)], 3)[0].dilations == (2,)
+    with pytest.raises(ValueError, match="no entry dim3"):
+        levels_for_dim({"dim2": [{}]}, 3)
+    with pytest.raises(ValueError, match="unknown keys"):
+        levels_for_dim([dict(kernal=3)], 2)
+
+
+def test_msnat_blocks_sit_at_every_level_with_their_windows():
+    model = msnat(2)
+    blocks = [m for m in model.modules() if isinstance(m, NATBlock)]
+    assert len(blocks) == 2 + 2 + 1  # depth 1 per level in encoder and decoder, one in the middle
+    assert [b.attn.dilations for b in model.encoder[0].blocks] == [(1, 2)]
+    assert blocks[0].attn.windows((8, 8)) == [((3, 3), (1, 1)), ((3, 3), (2, 2))]
+
+
+def test_msnat_backends_agree_inside_the_model():
+    """The same weights with attention.backend torch and flex (and natten where it runs): same output."""
+    torch.manual_seed(0)
+    kw = dict(base_channels=16)  # head width 8: natten's minimum
+    reference = MSNATUNet(dim=2, in_channels=1, levels=TINY_LEVELS, num_classes=2, time_emb_dim=8,
+                          attention={"backend": "torch"}, **kw).eval()
+    x, t = torch.randn(2, 1, 12, 10), torch.rand(2)
+    one_step(reference.train(), x, t, torch.tensor([0, 1]))
+    reference.eval()
+    backends = ["flex"] + (["natten"] if _has_natten() else [])
+    for backend in backends:
+        other = MSNATUNet(dim=2, in_channels=1, levels=TINY_LEVELS, num_classes=2, time_emb_dim=8,
+                          attention={"backend": backend}, **kw).eval()
+        other.load_state_dict(reference.state_dict())
+        with torch.no_grad():
+            torch.testing.assert_close(other(x, t, torch.tensor([0, 1])), reference(x, t, torch.tensor([0, 1])),
+                                       atol=1e-5, rtol=1e-4, msg=backend)
+
+
+def _has_natten() -> bool:
+    from diffuse.models.attention import natten_available
+    return natten_available()
+
+
+def test_msnat_errors():
+    with pytest.raises(ValueError, match="divisible by 2"):
+        msnat(2)(torch.randn(1, 2, 9, 8), torch.rand(1))
+    with pytest.raises(ValueError, match="unknown keys"):
+        msnat(2, attention={"backend": "torch", "tiles": 4})
+    with pytest.raises(DiffuseError, match="auto, torch, flex, natten"):
+        msnat(2, attention={"backend": "cuda"})
+
+
+@pytest.mark.parametrize("dim", [1, 2, 3])
+def test_msnat_config_builds_each_dims_model(dim):
+    cfg = compose_cfg("train", ["model=msnat", f"dim={dim}"])
+    model = instantiate(cfg.model)
+    assert model.dim == dim and model.num_classes == 4
+    assert [s.kernel for s in model.levels] == [{1: 15, 2: 7, 3: 5}[dim]] * 3
+    assert model.levels[0].dilations == ((1, 4) if dim == 1 else (1, 2))
+
+
+@pytest.mark.parametrize("name", ["msnat_1d", "msnat_2d", "msnat_3d"])
+def test_msnat_experiments_compose(name):
+    cfg = compose_cfg("train", [f"experiment={name}"])
+    assert cfg.model._target_.endswith("MSNATUNet") and cfg.dim == int(name[-2])
+    assert cfg.dataset._target_.endswith("ShapesDataset")
+
+
+# ----- ShuffleNet -----
+
+def test_channel_shuffle_interleaves_the_two_halves():
+    x = torch.arange(6.0).view(1, 6, 1, 1)
+    assert channel_shuffle(x).flatten().tolist() == [0, 3, 1, 4, 2, 5]
+
+
+def test_shuffle_unit_passes_half_the_channels_through():
+    """ShuffleNet v2's basic unit: the first half is the identity (the residual path), shuffled to even slots."""
+    unit = ShuffleUnit(8, 8)
+    x = torch.randn(2, 8, 5, 5)
+    torch.testing.assert_close(unit(x)[:, 0::2], x[:, :4])
+
+
+def test_shufflenet_is_2d_and_small():
+    with pytest.raises(ValueError, match="2-D only"):
+        ShuffleNetUNet(dim=3)
+    model = ShuffleNetUNet()  # the seed's sizes: 28 → 14 → 7
+    assert sum(p.numel() for p in model.parameters()) < 3_000_000
+    x = torch.randn(2, 1, 28, 28)
+    sizes = []
+    hooks = [b.register_forward_hook(lambda m, i, o: sizes.append(o[0].shape[-1])) for b in model.encoder]
+    assert model(x, torch.rand(2)).shape == x.shape
+    assert sizes == [14, 7]
+    for h in hooks:
+        h.remove()
+
+
+# ----- spatial transformer -----
+
+@pytest.mark.parametrize("size", [28, 32, 29, 17])
+def test_spatial_transformer_takes_28_32_and_odd_sizes(size):
+    model = spatial_transformer(2)
+    x = torch.randn(2, 2, size, size)
+    assert model(x, torch.rand(2), torch.tensor([0, 1])).shape == x.shape
+
+
+def test_spatial_transformer_follows_the_tutorials_sizes():
+    """Song's tutorial UNet at 28×28: encoder maps 26, 12, 5, 2; transformers at the two coarsest."""
+    model = SpatialTransformerUNet(num_classes=10)
+    sizes = []
+    for level in model.enc:
+        level.register_forward_hook(lambda m, i, o: sizes.append(tuple(o.shape[1:])))
+    model(torch.randn(1, 1, 28, 28), torch.rand(1), torch.tensor([3]))
+    assert sizes == [(32, 26, 26), (64, 12, 12), (128, 5, 5), (256, 2, 2)]
+    assert [type(a).__name__ for a in model.enc_attn] == ["Identity", "Identity", "SpatialTransformer",
+                                                            "SpatialTransformer"]
+    assert model.enc_attn[2].block.cross_attn is not None
+
+
+def test_spatial_transformer_errors():
+    with pytest.raises(ValueError, match="≥ 17"):
+        spatial_transformer(2)(torch.randn(1, 2, 16, 16), torch.rand(1))
+    assert spatial_transformer(2, num_classes=0).enc_attn[2].block.cross_attn is None
