@@ -18,6 +18,7 @@ from diffuse import media
 from diffuse.diffusion.generation import class_labels, generate
 from diffuse.errors import DiffuseError
 from diffuse.jobs.common import build, load_run, resolve_device
+from diffuse.latent import latent_decoder
 from diffuse.training.loop import PRECISIONS
 
 log = logging.getLogger(__name__)
@@ -61,18 +62,32 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> d
                    trajectory=int(anim.frames) if anim.enabled else False,
                    autocast_dtype=PRECISIONS.get(cfg.get("precision", "fp32")), progress=bar.update)
     bar.close()
-    x = out.x.float()
+    decode = latent_decoder(loaded.state, device)  # latent diffusion runs: the VAE decoder; else identity
+    x = decode(out.x.float())
     run_dir.mkdir(parents=True, exist_ok=True)
     arrays = {"x": x.numpy().astype(np.float32)}
     if out.y is not None:
         arrays["y"] = out.y.numpy().astype(np.int64)
     paths = {"samples": run_dir / "samples.npz"}
     np.savez(paths["samples"], **arrays)
-    nrow = len(x) // num_classes if num_classes and cfg.get("class_label") is None else None
-    paths["grid"] = media.save_grid(x, run_dir / "grid.png", nrow=nrow)
+    per_class_rows = bool(num_classes) and cfg.get("class_label") is None
+    nrow = len(x) // num_classes if per_class_rows else None
+    class_names = list(loaded.state.get("class_names") or map(str, range(num_classes)))
+    if per_class_rows:  # the conditional seed's classes figure: a labelled row per class
+        paths["grid"] = media.save_class_grid(x, out.y, run_dir / "grid.png", class_names=class_names,
+                                              view=cfg.view)
+    else:
+        paths["grid"] = media.save_grid(x, run_dir / "grid.png", view=cfg.view)
     if anim.enabled:
-        paths["animation"] = media.save_animation(out.states, run_dir / f"animation.{anim.format}",
-                                                  nrow=nrow, fps=anim.fps, hold_last=anim.hold)
+        frames = [decode(s) for s in out.states]
+        paths["animation"] = media.save_animation(frames, run_dir / f"animation.{anim.format}",
+                                                  nrow=nrow, fps=anim.fps, hold_last=anim.hold, view=cfg.view,
+                                                  times=out.times,
+                                                  row_labels=class_names[:num_classes] if per_class_rows else None)
+        # the conditional seed's step strip: one sample per row (the first of each class) across the steps
+        firsts = [int(i) for i in range(0, len(x), nrow)] if per_class_rows else [0]
+        paths["steps"] = media.save_step_strip(frames, out.times, run_dir / "steps.png", index=firsts,
+                                               steps=int(anim.strip_steps), view=cfg.view)
     for name, path in paths.items():
         print(f"{name}: {path}")
     return {"checkpoint": str(loaded.path), "step": loaded.step, "nfe": out.nfe,

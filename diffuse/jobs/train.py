@@ -14,6 +14,7 @@ from diffuse.diffusion.generation import class_labels, generate
 from diffuse.diffusion.objectives import DiffusionLoss
 from diffuse.errors import DiffuseError
 from diffuse.jobs.common import build, check_dim, data_shape, find_checkpoint, resolve_device
+from diffuse.latent import LatentDataset, use_latent_space
 from diffuse.tracking import Tracker
 from diffuse.training.checkpoint import load_checkpoint
 from diffuse.training.distributed import broadcast_object, cleanup, init_distributed
@@ -73,7 +74,9 @@ def _train(cfg, run_dir, state, device, dist) -> dict:
     torch.manual_seed(cfg.seed + dist.rank)
     tcfg = cfg.trainer
 
+    use_latent_space(cfg)  # latent.vae=PATH: cfg.dataset becomes that VAE's latents of the data
     dataset = build(cfg.dataset, "dataset")
+    latent = dataset if isinstance(dataset, LatentDataset) else None
     if hasattr(dataset, "to"):  # in-memory datasets live on the training device: no host→device copies
         dataset.to(device)
     if dataset.dim != cfg.dim:
@@ -111,6 +114,7 @@ def _train(cfg, run_dir, state, device, dist) -> dict:
                       enabled=dist.is_main)
     sample_shape = data_shape(dataset)
     num_classes = int(getattr(model, "num_classes", 0) or 0)
+    class_names = [str(c) for c in getattr(dataset, "class_names", None) or range(num_classes)]
     sampler = build(cfg.sampler, "sampler")
     if tcfg.get("sample_steps"):
         sampler.steps = min(int(tcfg.sample_steps), sampler.steps)
@@ -123,12 +127,19 @@ def _train(cfg, run_dir, state, device, dist) -> dict:
                        seed=cfg.seed, batch_size=tcfg.batch_size, prediction=cfg.objective.prediction,
                        null_class=null_class, device=device, trajectory=40 if final else False)
         nrow = len(out.x) // num_classes if num_classes else None
-        path = media.save_grid(out.x, run_dir / "samples" / f"step_{step}.png", nrow=nrow)
+        shown = latent.decode(out.x) if latent else out.x
+        path = run_dir / "samples" / f"step_{step}.png"
+        if num_classes:
+            media.save_class_grid(shown, out.y, path, class_names=class_names)
+        else:
+            media.save_grid(shown, path)
         tracker.log_image("samples", path, step)
         log.info("step %d: samples → %s", step, path)
         if final:
             fps = 10
-            anim = media.save_animation(out.states, run_dir / "samples" / "animation.gif", nrow=nrow, fps=fps)
+            states = [latent.decode(z) for z in out.states] if latent else out.states
+            anim = media.save_animation(states, run_dir / "samples" / "animation.gif", nrow=nrow, fps=fps,
+                                        times=out.times, row_labels=class_names[:num_classes] if num_classes else None)
             tracker.log_video("denoising", anim, step, fps=fps)
             log.info("animation → %s", anim)
 
@@ -138,7 +149,8 @@ def _train(cfg, run_dir, state, device, dist) -> dict:
                                     grad_clip=tcfg.grad_clip, precision=tcfg.precision),
                       run_dir, tracker, dist, device, cfg.seed, config_dict,
                       on_sample=on_sample if tcfg.sample_every else None)
-    trainer.extra_state = {"wandb_id": tracker.run_id or ""}
+    trainer.extra_state = {"wandb_id": tracker.run_id or "", "class_names": class_names,
+                           **(latent.checkpoint_state() if latent else {})}
     if state is not None:
         trainer.load_state_dict(state)
     if dist.is_main:

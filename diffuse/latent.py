@@ -1,0 +1,234 @@
+"""Latent diffusion (Rombach et al. 2022): train and sample any diffusion model in the latent space of a
+frozen VAE trained by `diffuse train-vae`.
+
+    diffuse train latent.vae=outputs/…/checkpoints/last.ckpt dataset=mnist model=unet …
+    diffuse sample                     # decodes to data space by itself
+
+How the jobs see it: `use_latent_space(cfg)` turns `cfg.dataset` into the description of a `LatentDataset`
+(the data's own config moves to `dataset.data`; channels/resolution become the latent's), so everything that
+reads `${dataset.channels}`, `dataset.resolution` or `dataset.dim` (model configs, the sample shape of
+`diffuse sample`) sees the latent without knowing about it. The dataset encodes batches with the frozen
+VAE, or once up front into memory (`latent.cache`). The diffusion checkpoint stores the VAE's path and also
+its config and weights (`latent_vae`), so `diffuse sample` decodes from the checkpoint alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Callable
+
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from diffuse.errors import DiffuseError
+from diffuse.jobs.common import build, resolve_device
+from diffuse.models.vae import VAE
+from diffuse.training.checkpoint import load_checkpoint
+
+log = logging.getLogger(__name__)
+
+LATENT_DATASET = "diffuse.latent.LatentDataset"
+CHECKPOINT_KEY = "latent_vae"  # the VAE record inside a latent-diffusion checkpoint
+
+
+# ----- the VAE: from its own checkpoint, or from the record a diffusion checkpoint embeds --------------
+
+def vae_from_record(record: dict, device: torch.device | str = "cpu") -> VAE:
+    """record: {"config": the VAE's resolved config node, "weights": its state dict, …} → frozen VAE."""
+    vae = build(OmegaConf.create(record["config"]), "vae")
+    try:
+        vae.load_state_dict(record["weights"])
+    except RuntimeError as e:
+        raise DiffuseError(f"VAE weights do not match their config: {str(e).splitlines()[0]}") from None
+    return vae.to(device).eval().requires_grad_(False)
+
+
+def read_vae_checkpoint(path: str | Path) -> dict:
+    """A `diffuse train-vae` checkpoint → the record to embed: path, step, config, (EMA) weights."""
+    path = Path(path).expanduser()
+    state = load_checkpoint(path)
+    if "vae" not in state.get("config", {}):
+        raise DiffuseError(f"latent.vae={path} is not a VAE checkpoint: train one with `diffuse train-vae`")
+    weights = state["ema"]["model"] if "ema" in state else state["model"]
+    return {"path": str(path.resolve()), "step": int(state["step"]), "config": state["config"]["vae"],
+            "weights": weights}
+
+
+def decode_latents(vae: VAE, z: Tensor, batch_size: int = 64) -> Tensor:
+    """Latents [N, latent_channels, *L] → data [N, C, *S] in [−1, 1], fp32 on the CPU, in batches."""
+    device = next(vae.parameters()).device
+    with torch.no_grad():
+        out = [vae.decode(z[i:i + batch_size].to(device, torch.float32)).float().cpu()
+               for i in range(0, len(z), batch_size)]
+    return torch.cat(out).clamp(-1, 1) if out else z
+
+
+def latent_decoder(state: dict, device: torch.device | str = "cpu") -> Callable[[Tensor], Tensor]:
+    """What turns a run's samples into data: the identity for pixel-space runs; for latent runs the VAE
+    decoder, from the weights embedded in the checkpoint (else from the VAE checkpoint path)."""
+    latent = (state.get("config") or {}).get("latent") or {}
+    if CHECKPOINT_KEY in state:
+        record = state[CHECKPOINT_KEY]
+    elif latent.get("vae"):
+        record = read_vae_checkpoint(latent["vae"])
+    else:
+        return lambda x: x
+    vae = vae_from_record(record, device)
+    return lambda z: decode_latents(vae, z)
+
+
+# ----- the config rewrite of `diffuse train latent.vae=…` ---------------------------------------------
+
+def use_latent_space(cfg: DictConfig) -> bool:
+    """With latent.vae set, make cfg.dataset a LatentDataset over the configured data (in place).
+
+    Idempotent: a resumed run's config already has it. Returns whether the run is a latent one.
+    """
+    latent = cfg.get("latent") or {}
+    if not latent.get("vae"):
+        return False
+    if cfg.dataset.get("_target_") == LATENT_DATASET:  # a resumed run: encode on this run's device
+        with open_dict(cfg):
+            cfg.dataset.device = cfg.get("device", "auto")
+        return True
+    record = read_vae_checkpoint(latent.vae)
+    vae_cfg = record["config"]
+    factor = 2 ** (len(vae_cfg["channel_mult"]) - 1)
+    data = OmegaConf.to_container(cfg.dataset, resolve=True)
+    resolution = int(data["resolution"])
+    if resolution % factor:
+        raise DiffuseError(f"dataset.resolution={resolution} is not divisible by the VAE's downsampling ×{factor}")
+    if int(vae_cfg["dim"]) != int(cfg.dim):
+        raise DiffuseError(f"the VAE {record['path']} is {vae_cfg['dim']}-D but dim={cfg.dim}")
+    if int(vae_cfg["in_channels"]) != int(data["channels"]):
+        raise DiffuseError(f"the VAE {record['path']} takes {vae_cfg['in_channels']} channels but "
+                           f"dataset.channels={data['channels']}")
+    with open_dict(cfg):
+        cfg.latent.vae = record["path"]
+        cfg.dataset = {"_target_": LATENT_DATASET, "data": data, "vae": record["path"],
+                       "cache": bool(latent.get("cache", True)), "sample": bool(latent.get("sample", True)),
+                       "device": cfg.get("device", "auto"), "dim": int(cfg.dim),
+                       "resolution": resolution // factor, "channels": int(vae_cfg["latent_channels"]),
+                       "num_classes": int(data.get("num_classes") or 0)}
+    log.info("latent diffusion: data %s → VAE %s → latents %s",
+             (data["channels"], *[resolution] * cfg.dim), record["path"],
+             (vae_cfg["latent_channels"], *[resolution // factor] * cfg.dim))
+    return True
+
+
+# ----- the dataset ---------------------------------------------------------------------------------
+
+class LatentDataset:
+    """A dataset seen through a frozen VAE encoder: items are scaled latents z = (μ + σ·ε)·scale_factor.
+
+    data: any dataset (the `diffuse.data` interface); vae: a VAE checkpoint path or a VAE.
+    cache: encode every item once up front and keep μ, σ in memory (`to(device)` moves them), without
+        the data's random augmentation (flips); cache=false encodes each batch instead.
+    sample: draw z from the posterior with the batch's generator (LDM); false: z = μ.
+    dim / resolution / channels / num_classes: what the config says the latent is; checked.
+    Labels pass through unchanged. `decode(z)` maps latents back to data.
+    """
+
+    def __init__(self, data, vae: str | Path | VAE, cache: bool = True, sample: bool = True,
+                 device: str | torch.device = "auto", dim: int | None = None, resolution: int | None = None,
+                 channels: int | None = None, num_classes: int | None = None, batch_size: int = 256):
+        self.device = resolve_device(device) if isinstance(device, str) else torch.device(device)
+        if isinstance(vae, VAE):
+            self.vae, self.record = vae.to(self.device).eval().requires_grad_(False), None
+        else:
+            self.record = read_vae_checkpoint(vae)
+            self.vae = vae_from_record(self.record, self.device)
+        if data.channels != self.vae.in_channels or data.dim != self.vae.dim:
+            raise DiffuseError(f"the VAE takes {self.vae.dim}-D data with {self.vae.in_channels} channels; the "
+                               f"dataset is {data.dim}-D with {data.channels}")
+        if data.resolution % self.vae.downsample_factor:
+            raise DiffuseError(f"dataset resolution {data.resolution} is not divisible by the VAE's downsampling "
+                               f"×{self.vae.downsample_factor}")
+        self.data, self.sample, self.batch_size = data, bool(sample), batch_size
+        self.dim, self.channels = data.dim, self.vae.latent_channels
+        self.resolution = data.resolution // self.vae.downsample_factor
+        self.num_classes, self.class_names = data.num_classes, getattr(data, "class_names", ())
+        for name, want in (("dim", dim), ("resolution", resolution), ("channels", channels),
+                           ("num_classes", num_classes)):
+            if want is not None and int(want) != int(getattr(self, name)):
+                raise DiffuseError(f"latent dataset: config says {name}={want}, the VAE and data give "
+                                   f"{getattr(self, name)}")
+        if math.isnan(self.vae.scale_factor):
+            self._fit_scale_factor()
+        self.scale = self.vae.scale_factor
+        self.mean = self.std = self.labels = None
+        if cache:
+            self._encode_all()
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    @torch.no_grad()
+    def _moments(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        mean, logvar = self.vae.encoder.moments(x.to(self.device, torch.float32))
+        return mean.float(), torch.exp(0.5 * logvar.float())
+
+    def _fit_scale_factor(self) -> None:
+        """An `auto` VAE checkpoint saved before its run ended has no factor yet: fit it here, as train-vae
+        would, on up to 32 batches of the data (in order)."""
+        n = min(len(self.data), 32 * self.batch_size)
+        batches = (self.data.get_batch(torch.arange(i, min(n, i + self.batch_size)), None)[0].to(self.device)
+                   for i in range(0, n, self.batch_size))
+        scale = self.vae.fit_scale_factor(batches, torch.Generator(device=self.device).manual_seed(0))
+        log.warning("the VAE's scale_factor (auto) was not fitted yet: fitted on %d items: %.5f", n, scale)
+        if self.record is not None:
+            self.record = {**self.record, "weights": {k: v.detach().cpu() for k, v in self.vae.state_dict().items()}}
+
+    def _encode_all(self) -> None:
+        """μ and σ of every item, once (random flips of the data switched off while encoding)."""
+        flips = getattr(self.data, "hflip", False)
+        if flips:
+            log.warning("latent.cache: the data's random flips are not applied to cached latents (cache=false keeps them)")
+            self.data.hflip = False
+        means, stds, labels = [], [], []
+        try:
+            for start in tqdm(range(0, len(self.data), self.batch_size), desc="encode latents", dynamic_ncols=True,
+                              leave=False):
+                idx = torch.arange(start, min(len(self.data), start + self.batch_size))
+                x, y = self.data.get_batch(idx, None)
+                mean, std = self._moments(x)
+                means.append(mean.cpu()), stds.append(std.cpu()), labels.append(y.cpu())
+        finally:
+            if flips:
+                self.data.hflip = flips
+        self.mean, self.std, self.labels = torch.cat(means), torch.cat(stds), torch.cat(labels)
+        log.info("cached the latents of %d items (%.1f MB)", len(self.mean),
+                 2 * self.mean.numel() * 4 / 2**20)
+
+    def to(self, device: torch.device | str) -> "LatentDataset":
+        """Keep the cached latents (or else the data) on `device`, like the in-memory datasets."""
+        if self.mean is not None:
+            self.mean, self.std, self.labels = self.mean.to(device), self.std.to(device), self.labels.to(device)
+        elif hasattr(self.data, "to"):
+            self.data.to(device)
+        return self
+
+    def get_batch(self, indices: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """indices [B] → z float32 [B, latent_channels, *latent] (scaled), y int64 [B]."""
+        if self.mean is not None:
+            idx = indices.to(self.mean.device)
+            mean, std, y = self.mean[idx], self.std[idx], self.labels[idx]
+        else:
+            x, y = self.data.get_batch(indices, generator)
+            mean, std = self._moments(x)
+        if self.sample:
+            noise = torch.randn(mean.shape, generator=generator)  # a CPU generator, as BatchStream's
+            mean = mean + std * noise.to(mean.device)
+        return mean * self.scale, y
+
+    def decode(self, z: Tensor) -> Tensor:
+        """Latents → data [N, C, *S] in [−1, 1] on the CPU."""
+        return decode_latents(self.vae, z)
+
+    def checkpoint_state(self) -> dict:
+        """What a diffusion checkpoint keeps so that it decodes on its own: {latent_vae: record}."""
+        return {CHECKPOINT_KEY: self.record} if self.record is not None else {}
