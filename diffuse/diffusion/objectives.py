@@ -63,8 +63,10 @@ def training_target(x0: Tensor, noise: Tensor, alpha: Tensor, sigma: Tensor, pre
 def loss_weight(alpha: Tensor, sigma: Tensor, prediction: str, weighting: str, gamma: float) -> Tensor:
     """Per-sample weight [B] of the MSE on the network's own target.
 
-    min_snr (Hang et al. 2023): weight the x₀-space error by min(SNR, γ); expressed on each target,
-    eps: min(SNR, γ)/SNR, x0: min(SNR, γ), v: min(SNR, γ)/(SNR + 1).
+    min_snr (Hang et al. 2023): weight the x₀-space error by min(SNR, γ), SNR = α²/σ², expressed on each
+    target through ‖x̂₀ − x₀‖² = ‖ε̂ − ε‖²/SNR = σ²/(α² + σ²)² · ‖v̂ − v‖²:
+    eps: min(SNR, γ)/SNR, x0: min(SNR, γ), v: min(SNR, γ)·σ²/(α² + σ²)² (= min(SNR, γ)/(SNR + 1), the
+    paper's, when α² + σ² = 1).
     """
     if weighting == "none":
         return torch.ones_like(alpha)
@@ -76,7 +78,7 @@ def loss_weight(alpha: Tensor, sigma: Tensor, prediction: str, weighting: str, g
         return clipped / snr
     if prediction == "x0":
         return clipped
-    return clipped / (snr + 1)
+    return clipped * sigma**2 / (alpha**2 + sigma**2) ** 2
 
 
 class DiffusionLoss:

@@ -15,6 +15,10 @@ import torch
 from torch import Tensor
 
 
+#: EDM's σ_max (Karras et al. 2022): the karras/logsnr grids spread their steps below σ̃ = σ/α = 80.
+GRID_SIGMA_MAX = 80.0
+
+
 class Schedule:
     """Base class: subclasses define `alpha` and `sigma` (and may override the rest in closed form)."""
 
@@ -51,6 +55,19 @@ class Schedule:
         """g(t)."""
         return self.diffusion_coeff_sq(t).clamp_min(0).sqrt()
 
+    def time_at_log_snr(self, lam: Tensor | float) -> Tensor:
+        """The time t ∈ [0, t_max] where λ(t) = lam (λ decreases in t), by bisection in fp64.
+
+        Used where a sampler needs a time between grid points (Heun's churn, the karras/logsnr grids).
+        """
+        lam = torch.as_tensor(lam, dtype=torch.float64)
+        lo, hi = torch.zeros_like(lam), torch.full_like(lam, self.t_max)
+        for _ in range(64):  # 2⁻⁶⁴ of [0, 1]: below fp64 resolution
+            mid = (lo + hi) / 2
+            later = self.log_snr(mid) > lam  # λ still above the target ⇒ the root lies after mid
+            lo, hi = torch.where(later, mid, lo), torch.where(later, hi, mid)
+        return (lo + hi) / 2
+
     @property
     def prior_std(self) -> float:
         """Std of the noise a sampler starts from: σ(t_max) (data contributes α(t_max)·x₀ ≈ 0 or ≪ σ)."""
@@ -69,36 +86,72 @@ class Schedule:
     def timesteps(self, steps: int, spacing: str = "auto") -> Tensor:
         """Descending sampling grid [t_0 = t_max, …, t_{steps−1}, 0]: `steps` network evaluations.
 
-        spacing (for discrete schedules; names as in diffusers):
+        spacing (index grids for discrete schedules; names and formulas as in diffusers):
           - "linspace": indices round(linspace(T−1, 0, steps)): starts at T, ends at the first grid point.
-          - "leading":  indices k·(T // steps) + (steps − 1 − …): DDIM's original grid, never reaches T.
-          - "trailing": indices T − 1 − k·(T / steps): starts at T (Lin et al. 2024).
-          - "auto": "trailing" for discrete schedules, uniform in t for continuous ones.
+          - "leading":  indices k·(T // steps), k = steps−1 … 0: DDIM's original grid, never starts at T.
+          - "trailing": indices round(T − k·T/steps) − 1: starts at T, evenly spaced (Lin et al. 2024).
+          - "auto": "trailing" for discrete schedules, "logsnr" for continuous ones (on the VE-SDE: σ
+            geometric, the discretization of Song et al. 2021).
+        continuous grids from t_max down to t_min (any schedule; times need not be on the T grid):
+          - "karras": σ̃ = σ/α at (σ̃_max^{1/ρ} + k/(steps−1)·(σ̃_min^{1/ρ} − σ̃_max^{1/ρ}))^ρ, ρ = 7
+            (Karras et al. 2022, eq. 5).
+          - "logsnr": uniform in λ = log(α²/σ²) (Lu et al. 2022's "logSNR" grid).
+          - "linspace" on a continuous schedule: uniform in t.
         The final 0 is the clean-data end: the last update jumps from the smallest t to t = 0.
         """
         if steps < 1:
             raise ValueError(f"steps must be ≥ 1, got {steps}")
         T = self.num_timesteps
-        if T is None:
-            if spacing not in ("auto", "linspace", "uniform"):
-                raise ValueError(f"continuous schedule supports spacing auto|linspace, got {spacing!r}")
+        if spacing == "auto" and T is None:
+            spacing = "logsnr"
+        if spacing in ("karras", "logsnr"):
+            grid = self._continuous_grid(steps, spacing)
+        elif T is None:
+            if spacing != "linspace":
+                raise ValueError(f"continuous schedule supports spacing auto|linspace|karras|logsnr, got {spacing!r}")
             grid = torch.linspace(self.t_max, self.t_min, steps, dtype=torch.float64)
-            return torch.cat([grid, grid.new_zeros(1)])
-        if steps > T:
-            raise ValueError(f"steps={steps} exceeds the schedule's T={T}")
-        if spacing == "auto":
-            spacing = "trailing"
-        if spacing == "linspace":
-            idx = torch.linspace(T - 1, 0, steps, dtype=torch.float64).round().long()
-        elif spacing == "leading":
-            stride = T // steps
-            idx = torch.arange(steps - 1, -1, -1, dtype=torch.long) * stride
-        elif spacing == "trailing":
-            idx = (T - torch.arange(0, steps, dtype=torch.float64) * (T / steps)).round().long() - 1
         else:
-            raise ValueError(f"unknown spacing {spacing!r}; choose auto, linspace, leading or trailing")
-        grid = (idx.to(torch.float64) + 1) / T
+            if steps > T:
+                raise ValueError(f"steps={steps} exceeds the schedule's T={T}")
+            if spacing == "auto":
+                spacing = "trailing"
+            if spacing == "linspace":
+                idx = torch.linspace(T - 1, 0, steps, dtype=torch.float64).round().long()
+            elif spacing == "leading":
+                idx = torch.arange(steps - 1, -1, -1, dtype=torch.long) * (T // steps)
+            elif spacing == "trailing":
+                idx = (T - torch.arange(0, steps, dtype=torch.float64) * (T / steps)).round().long() - 1
+            else:
+                raise ValueError(f"unknown spacing {spacing!r}; choose auto, linspace, leading, trailing, "
+                                 "karras or logsnr")
+            grid = (idx.to(torch.float64) + 1) / T
         return torch.cat([grid, grid.new_zeros(1)])
+
+    def _continuous_grid(self, steps: int, spacing: str) -> Tensor:
+        """karras / logsnr grids between σ̃(t_min) and σ̃(t_max), σ̃ = σ/α = e^{−λ/2}.
+
+        Where σ̃(t_max) exceeds EDM's σ_max = 80 (cosine: 2·10⁴, linear: 157), the grid starts at t_max and
+        spreads the other steps − 1 points from σ̃ = 80 down: above it x̃ is pure noise and the ODE barely
+        moves, and one large step there costs nothing, while steps spent there are lost below.
+        """
+        if steps == 1:
+            return torch.tensor([self.t_max], dtype=torch.float64)
+        lam_lo, lam_hi = (float(v) for v in self.log_snr(torch.tensor([self.t_max, self.t_min], dtype=torch.float64)))
+        head = []
+        if -lam_lo / 2 > math.log(GRID_SIGMA_MAX) and steps > 2:
+            head, steps, lam_lo = [self.t_max], steps - 1, -2 * math.log(GRID_SIGMA_MAX)
+        k = torch.linspace(0, 1, steps, dtype=torch.float64)
+        if spacing == "logsnr":
+            lam = lam_lo + k * (lam_hi - lam_lo)
+        else:
+            rho = 7.0
+            root_max, root_min = math.exp(-lam_lo / (2 * rho)), math.exp(-lam_hi / (2 * rho))  # σ̃^{1/ρ}
+            lam = -2 * rho * torch.log(root_max + k * (root_min - root_max))
+        grid = self.time_at_log_snr(lam)
+        if not head:
+            grid[0] = self.t_max  # the ends exactly, not to bisection precision
+        grid[-1] = self.t_min
+        return torch.cat([grid.new_tensor(head), grid])
 
 
 class DiscreteSchedule(Schedule):
@@ -132,6 +185,22 @@ class DiscreteSchedule(Schedule):
 
     def sigma(self, t: Tensor) -> Tensor:
         return torch.sqrt(-torch.expm1(self.log_alphas_cumprod(t)))
+
+    def drift_coeff(self, t: Tensor) -> Tensor:
+        """f(t) = d log α/dt = ½·T·log(1 − β_i) on the cell ((i)/T, (i+1)/T] holding t.
+
+        log ᾱ is piecewise linear, so f is piecewise constant; at a grid point t_i we take the cell *below*
+        it, the one a reverse step from t_i crosses first.
+        """
+        t = torch.as_tensor(t, dtype=torch.float64)
+        T = self.num_timesteps
+        cell = (torch.ceil(t * T - 1e-9) - 1).long().clamp(0, T - 1)
+        table = self._log_ac.to(t.device)
+        return 0.5 * T * (table[cell + 1] - table[cell])
+
+    def diffusion_coeff_sq(self, t: Tensor) -> Tensor:
+        """g²(t) = dσ²/dt − 2fσ² = −2f(t) since α² + σ² = 1: −T·log(1 − β_i) ≈ T·β_i, the VP-SDE's β(t)."""
+        return -2 * self.drift_coeff(t)
 
 
 class LinearSchedule(DiscreteSchedule):

@@ -63,7 +63,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> d
                    autocast_dtype=PRECISIONS.get(cfg.get("precision", "fp32")), progress=bar.update)
     bar.close()
     decode = latent_decoder(loaded.state, device)  # latent diffusion runs: the VAE decoder; else identity
-    x = decode(out.x.float())
+    x = decode(out.x.float()).clamp(-1, 1)  # the data range (DESIGN §3); an undertrained model can overshoot
     run_dir.mkdir(parents=True, exist_ok=True)
     arrays = {"x": x.numpy().astype(np.float32)}
     if out.y is not None:

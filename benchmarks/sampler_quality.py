@@ -1,0 +1,252 @@
+"""Sample quality against network evaluations (NFE) for every sampler, on one trained checkpoint.
+
+    python benchmarks/sampler_quality.py [CHECKPOINT] [--train-steps 1000] [--num-samples 256] [--out FILE]
+
+Without a checkpoint it first trains a small conditional UNet on 2-D `shapes` (16×16) for --train-steps.
+Rows named *_clip run with clip_x0 (x̂₀ clamped to [−1, 1]); ddpm_clip is the MNIST seed's sample_clip.
+Cost: about 1800 network evaluations of --num-samples images (ddpm's 1000 dominate), plus the training;
+`--quick` runs fewer rows.
+
+Metrics (say which, with the sample count):
+  - FD: Fréchet distance between Gaussian fits of features of generated and real images, the features being
+    those of a fixed, randomly initialised conv net (seeded; global mean+max pooling, 128-d). An FID-like
+    distance without a download. The "real vs real" row is the floor for that sample count.
+  - label agreement (conditional models): the fraction of samples whose nearest real image (L2, over a bank
+    of real images) has the class that was asked for.
+The question it answers: do the few-step samplers at ~20 NFE reach what `ddpm` reaches at 1000?
+
+If `diffusers` is installed it also runs its DDIMScheduler and DPMSolverMultistepScheduler (DPM-Solver++ 2M)
+with the same network, noise and time grid as ours, and prints the largest difference and the time ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import linalg
+
+from diffuse.diffusion.generation import class_labels, generate
+from diffuse.diffusion.guidance import Denoiser
+from diffuse.diffusion.samplers import (DDIM, DDPM, DPMSolverPP, EulerMaruyama, Heun, NoiseSource,
+                                        PredictorCorrector, prior_sample)
+from diffuse.jobs.common import build, load_run, resolve_device
+
+# (name, sampler, steps): NFE ≈ 10 / 20 / 50 / 100 for each, ddpm up to its full 1000
+CONFIGS = [
+    *[("ddpm", lambda n: DDPM(n), n) for n in (10, 20, 50, 100, 1000)],
+    *[("ddpm_clip", lambda n: DDPM(n, variance="posterior", clip_x0=True), n) for n in (20, 100)],
+    *[("ddim", lambda n: DDIM(n), n) for n in (10, 20, 50)],
+    *[("ddim_clip", lambda n: DDIM(n, clip_x0=True), n) for n in (10, 20)],
+    ("ddim_eta1", lambda n: DDIM(n, eta=1.0), 20),
+    *[("dpm_solver", lambda n: DPMSolverPP(n, spacing="logsnr"), n) for n in (10, 20)],
+    *[("dpm_solver_clip", lambda n: DPMSolverPP(n, spacing="logsnr", clip_x0=True), n) for n in (10, 20)],
+    *[("heun", lambda n: Heun(n, spacing="karras"), n) for n in (6, 11)],
+    *[("heun_clip", lambda n: Heun(n, spacing="karras", clip_x0=True), n) for n in (6, 11)],
+    *[("euler_maruyama", lambda n: EulerMaruyama(n, t_end=1e-3), n) for n in (20, 100)],
+    *[("pc", lambda n: PredictorCorrector(n), n) for n in (10, 50)],
+]
+QUICK = [c for c in CONFIGS if c[2] in (10, 11, 1000) and not c[0].endswith("clip")]
+
+
+# ----- the metric --------------------------------------------------------------------------------------------
+class RandomFeatures(torch.nn.Module):
+    """A fixed random conv net for 1-, 2- or 3-D images: [B, C, *sp] → [B, 128]."""
+
+    def __init__(self, dim: int, channels: int, seed: int = 0):
+        super().__init__()
+        conv = {1: torch.nn.Conv1d, 2: torch.nn.Conv2d, 3: torch.nn.Conv3d}[dim]
+        g = torch.Generator().manual_seed(seed)
+        self.layers = torch.nn.ModuleList([conv(channels, 32, 3, padding=1), conv(32, 64, 3, stride=2, padding=1)])
+        for layer in self.layers:  # deterministic init, independent of torch's global RNG
+            torch.nn.init.normal_(layer.weight, std=(2.0 / layer.weight[0].numel()) ** 0.5, generator=g)
+            torch.nn.init.zeros_(layer.bias)
+        self.eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def forward(self, x):
+        for layer in self.layers:
+            x = torch.relu(layer(x))
+        flat = x.flatten(2)
+        return torch.cat([flat.mean(2), flat.amax(2)], dim=1)
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """‖μ_a − μ_b‖² + tr(Σ_a + Σ_b − 2(Σ_a Σ_b)^{1/2}) of Gaussian fits (as FID)."""
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    # tr (Σ_a Σ_b)^{1/2} = Σ √eig(Σ_a^{1/2} Σ_b Σ_a^{1/2}), a symmetric PSD matrix: stable, real
+    w, v = linalg.eigh(cov_a)
+    root_a = (v * np.sqrt(w.clip(min=0))) @ v.T
+    tr_covmean = np.sqrt(linalg.eigvalsh(root_a @ cov_b @ root_a).clip(min=0)).sum()
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * tr_covmean)
+
+
+def nearest_label(x: torch.Tensor, bank_x: torch.Tensor, bank_y: torch.Tensor) -> torch.Tensor:
+    d = torch.cdist(x.flatten(1), bank_x.flatten(1))
+    return bank_y[d.argmin(1)]
+
+
+# ----- the checkpoint ------------------------------------------------------------------------------------------
+def train_small(steps: int) -> Path:
+    from hydra import compose, initialize_config_dir
+
+    from diffuse.app import CONF_DIR, _register_resolvers
+    from diffuse.jobs import train as train_job
+
+    _register_resolvers()
+    overrides = ["dataset.resolution=16", "model.base_channels=32", "model.channel_mult=[1,2]",
+                 f"trainer.max_steps={steps}", "trainer.batch_size=64", "trainer.sample_every=0", "logger=none",
+                 f"trainer.checkpoint_every={steps}", "trainer.log_every=100"]
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides)
+    run_dir = Path(tempfile.mkdtemp(prefix="sampler_quality_"))
+    print(f"training {steps} steps of a small UNet on 2-D shapes 16×16 into {run_dir} …", flush=True)
+    t0 = time.time()
+    train_job.run(cfg, run_dir, overrides)
+    print(f"  done in {time.time() - t0:.0f} s", flush=True)
+    return run_dir / "checkpoints" / "last.ckpt"
+
+
+# ----- the cross-check against diffusers ----------------------------------------------------------------------------
+def diffusers_check(loaded, device, shape, n: int) -> list[dict]:
+    try:
+        import diffusers
+    except ImportError:
+        print("\ndiffusers not installed: cross-check skipped (pip install diffusers)")
+        return []
+    sched_cfg = loaded.config.schedule
+    target = sched_cfg._target_.rsplit(".", 1)[-1]
+    if target == "LinearSchedule":
+        kw = dict(beta_schedule="linear", beta_start=sched_cfg.beta_start, beta_end=sched_cfg.beta_end)
+    elif target == "CosineSchedule":
+        kw = dict(beta_schedule="squaredcos_cap_v2")
+    else:
+        print(f"\ndiffusers cross-check skipped: {target} has no diffusers scheduler")
+        return []
+    if loaded.config.objective.prediction != "eps":
+        print("\ndiffusers cross-check skipped: the checkpoint does not predict eps")
+        return []
+    T = loaded.schedule.num_timesteps
+    model = loaded.model
+    labels = class_labels(n, int(getattr(model, "num_classes", 0) or 0))
+    labels = None if labels is None else labels[:n].to(device)
+    rows = []
+    print(f"\ncross-check against diffusers {diffusers.__version__} (same network, noise and grid; {n} samples)")
+    print(f"{'scheduler':<34}{'steps':>6}{'max |Δx|':>12}{'ours s':>9}{'diffusers s':>13}{'ratio':>7}")
+    for label, make_ref, ours_cls in (
+            ("DDIMScheduler (trailing, eta 0)",
+             lambda: diffusers.DDIMScheduler(num_train_timesteps=T, timestep_spacing="trailing",
+                                             clip_sample=False, set_alpha_to_one=True, **kw), DDIM),
+            ("DPMSolverMultistep (2M, ++)",
+             lambda: diffusers.DPMSolverMultistepScheduler(num_train_timesteps=T, algorithm_type="dpmsolver++",
+                                                           solver_order=2, final_sigmas_type="zero", **kw),
+             DPMSolverPP)):
+        for steps in (10, 20, 50):
+            ref = make_ref()
+            ref.set_timesteps(steps)
+            grid = torch.cat([(ref.timesteps.double() + 1) / T, torch.zeros(1, dtype=torch.float64)])
+            x_T = prior_sample(loaded.schedule, NoiseSource(range(n), device), shape)
+
+            den = Denoiser(model, loaded.schedule, y=labels, null_class=getattr(model, "null_class", None))
+            t0 = time.perf_counter()
+            ours = ours_cls(steps).run(den, x_T.clone(), grid, None, None)
+            t_ours = time.perf_counter() - t0
+
+            den = Denoiser(model, loaded.schedule, y=labels, null_class=getattr(model, "null_class", None))
+            t0 = time.perf_counter()
+            x = x_T.clone()
+            for ts in ref.timesteps:
+                eps = den.eps(x, (float(ts) + 1) / T)
+                x = ref.step(eps, ts, x).prev_sample
+            t_ref = time.perf_counter() - t0
+            diff = (ours - x).abs().max().item()
+            rows.append({"scheduler": label, "steps": steps, "max_abs_diff": diff, "ours_s": t_ours,
+                         "diffusers_s": t_ref})
+            print(f"{label:<34}{steps:>6}{diff:>12.2e}{t_ours:>9.2f}{t_ref:>13.2f}{t_ours / t_ref:>7.2f}")
+    return rows
+
+
+# ----- main ------------------------------------------------------------------------------------------------------
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("checkpoint", nargs="?", help="a last.ckpt (or run folder); default: train a small one")
+    p.add_argument("--train-steps", type=int, default=1000)
+    p.add_argument("--num-samples", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quick", action="store_true", help="fewer configurations (a smoke run)")
+    p.add_argument("--out", default="sampler_quality.json")
+    args = p.parse_args(argv)
+    torch.manual_seed(0)
+
+    device = resolve_device(args.device)
+    ckpt = args.checkpoint or train_small(args.train_steps)
+    loaded = load_run(str(ckpt), device)
+    cfg, model = loaded.config, loaded.model
+    dataset = build(cfg.dataset, "dataset")
+    shape = (dataset.channels, *([dataset.resolution] * dataset.dim))
+    num_classes = int(getattr(model, "num_classes", 0) or 0)
+    n = args.num_samples
+
+    # real data: a reference set, a second set for the floor, and a labelled bank for nearest-neighbour labels
+    g = torch.Generator().manual_seed(123)
+    idx = torch.randperm(len(dataset), generator=g)
+    real_a, _ = dataset.get_batch(idx[:n])
+    real_b, _ = dataset.get_batch(idx[n:2 * n])
+    bank_x, bank_y = dataset.get_batch(idx[2 * n:2 * n + 4096])
+    feats = RandomFeatures(dataset.dim, dataset.channels)
+    ref_feats = feats(real_a).numpy()
+    floor = frechet_distance(ref_feats, feats(real_b).numpy())
+
+    labels = class_labels(n, num_classes)
+    labels = None if labels is None else labels[:n]
+    print(f"\ncheckpoint {loaded.path} (step {loaded.step}; schedule {cfg.schedule._target_.rsplit('.', 1)[-1]}, "
+          f"{dataset.dim}-D {'×'.join(map(str, shape[1:]))}); {n} samples per row, FD on random-conv features")
+    head = f"{'sampler':<18}{'steps':>6}{'NFE':>6}{'FD':>9}{'labels':>8}{'time s':>8}"
+    print(head + "\n" + "-" * len(head))
+    print(f"{'real vs real':<18}{'':>6}{'':>6}{floor:>9.3f}{'':>8}{'':>8}")
+    rows = []
+    for name, make, steps in (QUICK if args.quick else CONFIGS):
+        sampler = make(steps)
+        t0 = time.time()
+        out = generate(model, loaded.schedule, sampler, shape, n, labels=labels, seed=10_000,
+                       batch_size=args.batch_size, prediction=cfg.objective.prediction,
+                       null_class=getattr(model, "null_class", None), device=device)
+        elapsed = time.time() - t0
+        x = out.x.clamp(-1, 1)
+        fd = frechet_distance(feats(x).numpy(), ref_feats)
+        agree = (nearest_label(x, bank_x, bank_y) == labels).float().mean().item() if labels is not None else None
+        rows.append({"sampler": name, "steps": steps, "nfe": out.nfe, "fd": fd, "label_agreement": agree,
+                     "seconds": elapsed})
+        print(f"{name:<18}{steps:>6}{out.nfe:>6}{fd:>9.3f}{'' if agree is None else f'{agree:8.3f}'}"
+              f"{elapsed:>8.1f}", flush=True)
+
+    reference = next((r for r in rows if r["sampler"] == "ddpm" and r["steps"] == 1000), None)
+    if reference is not None:
+        print(f"\nddpm at 1000 NFE: FD {reference['fd']:.3f}. Best at ≤ 20 NFE:")
+        for name in dict.fromkeys(r["sampler"] for r in rows):
+            few = [r for r in rows if r["sampler"] == name and r["nfe"] <= 21]
+            if few:
+                best = min(few, key=lambda r: r["fd"])
+                verdict = "reaches it" if best["fd"] <= 1.1 * reference["fd"] + 0.5 * floor else "does not"
+                print(f"  {name:<18} FD {best['fd']:.3f} at {best['nfe']} NFE: {verdict}")
+
+    cross = diffusers_check(loaded, device, shape, min(n, 64))
+    result = {"checkpoint": str(loaded.path), "step": loaded.step, "num_samples": n, "metric": {
+        "fd": "Frechet distance of random-conv features (128-d) to real data",
+        "label_agreement": "fraction whose nearest real image (L2) has the asked class"},
+        "real_vs_real_fd": floor, "rows": rows, "diffusers": cross}
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
