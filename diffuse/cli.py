@@ -8,10 +8,8 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
-from pathlib import Path
 
 JOBS = {
     "train": "train a diffusion model (default: shapes, 2-D, unet, linear DDPM)",

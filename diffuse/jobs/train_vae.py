@@ -23,8 +23,7 @@ from diffuse.jobs.train import resolve_resume
 from diffuse.models.vae import VAELoss
 from diffuse.tracking import Tracker
 from diffuse.training.distributed import broadcast_object, cleanup, init_distributed
-from diffuse.training.ema import EMA
-from diffuse.training.loop import Trainer, TrainerConfig, build_lr_scheduler, build_optimizer
+from diffuse.training.loop import Trainer, TrainerConfig, prepare_training
 
 log = logging.getLogger(__name__)
 
@@ -116,18 +115,8 @@ def _train_vae(cfg, run_dir, state, device, dist) -> dict:
         raise DiffuseError(f"loss: {e}") from None
     data = BatchStream(dataset, tcfg.batch_size, seed=cfg.seed, rank=dist.rank, world_size=dist.world_size,
                        device=device)
-    max_steps = int(tcfg.epochs) * data.batches_per_epoch if tcfg.get("epochs") else tcfg.max_steps
-    if not max_steps or max_steps < 1:
-        raise DiffuseError("set trainer.max_steps or trainer.epochs to a positive number")
-
-    ema = EMA(vae, decay=tcfg.ema_decay, warmup=tcfg.ema_warmup)
-    train_model = torch.compile(vae) if tcfg.compile else vae
-    if dist.enabled:
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            train_model, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = build_optimizer(vae, tcfg.lr, tcfg.weight_decay, tcfg.betas)
-    lr_scheduler = build_lr_scheduler(optimizer, tcfg.lr_schedule, max_steps, tcfg.lr, tcfg.warmup_steps,
-                                      tcfg.pct_start, tcfg.min_lr_ratio)
+    max_steps, ema, train_model, optimizer, lr_scheduler = prepare_training(
+        vae, tcfg, data.batches_per_epoch, device, dist)
     config_dict = OmegaConf.to_container(cfg, resolve=True)
     n_params = sum(p.numel() for p in vae.parameters())
     tracker = Tracker(run_dir, mode=cfg.logger.mode, project=cfg.logger.project, config=config_dict,

@@ -56,6 +56,23 @@ def build_lr_scheduler(optimizer, name: str, max_steps: int, lr: float, warmup_s
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def prepare_training(model: nn.Module, tcfg, batches_per_epoch: int, device: torch.device, dist: DistInfo):
+    """The parts every trainer needs, from the `trainer` config: step count, EMA, the (compiled, DDP-wrapped)
+    module to train, AdamW and its LR schedule. Returns (max_steps, ema, train_model, optimizer, lr_scheduler)."""
+    max_steps = int(tcfg.epochs) * batches_per_epoch if tcfg.get("epochs") else tcfg.max_steps
+    if not max_steps or max_steps < 1:
+        raise DiffuseError("set trainer.max_steps or trainer.epochs to a positive number")
+    ema = EMA(model, decay=tcfg.ema_decay, warmup=tcfg.ema_warmup)
+    train_model = torch.compile(model) if tcfg.compile else model
+    if dist.enabled:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            train_model, device_ids=[device.index] if device.type == "cuda" else None)
+    optimizer = build_optimizer(model, tcfg.lr, tcfg.weight_decay, tcfg.betas)
+    lr_scheduler = build_lr_scheduler(optimizer, tcfg.lr_schedule, max_steps, tcfg.lr, tcfg.warmup_steps,
+                                      tcfg.pct_start, tcfg.min_lr_ratio)
+    return max_steps, ema, train_model, optimizer, lr_scheduler
+
+
 @dataclass
 class TrainerConfig:
     max_steps: int
