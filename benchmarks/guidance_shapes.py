@@ -34,6 +34,7 @@ def main(argv=None) -> int:
     p.add_argument("checkpoint", nargs="?")
     p.add_argument("--train-steps", type=int, default=1000)
     p.add_argument("--sampler", default="dpm_solver", help="a conf/sampler name")
+    p.add_argument("--steps", type=int, default=None, help="override the sampler's steps")
     p.add_argument("--scales", default="0,1.5,3,5")
     p.add_argument("--num-samples", type=int, default=256)
     p.add_argument("--device", default="auto")
@@ -55,13 +56,16 @@ def main(argv=None) -> int:
     real_feats = feats(real).numpy()
     labels = class_labels(args.num_samples, model.num_classes)[: args.num_samples]
 
-    print(f"{loaded.path} (step {loaded.step}); sampler {args.sampler}; {len(labels)} samples per row;"
+    print(f"{loaded.path} (step {loaded.step}); sampler {args.sampler} ({args.steps or 'default'} steps); "
+          f"{len(labels)} samples per row;"
           " class = nearest real image's")
     print(f"{'w':>6}{'asked class':>13}{'FD':>9}   per class")
     rows = []
     for w in (float(v) for v in args.scales.split(",")):
         node = OmegaConf.load(CONF / f"{args.sampler}.yaml")
         node.guidance_scale = w
+        if args.steps:
+            node.steps = args.steps
         sampler = instantiate(node)
         out = generate(model, loaded.schedule, sampler, shape, len(labels), labels=labels, seed=0,
                        batch_size=len(labels), prediction=cfg.objective.prediction, null_class=model.null_class,
