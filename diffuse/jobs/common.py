@@ -54,6 +54,15 @@ def build(node: DictConfig | dict, what: str, **kwargs):
         raise DiffuseError(f"cannot build {what}: {msg}") from None
 
 
+def build_dataset(cfg: DictConfig):
+    """The configured dataset, checked against the run's `dim`."""
+    dataset = build(cfg.dataset, "dataset")
+    if dataset.dim != cfg.dim:
+        name = cfg.dataset._target_.rsplit(".", 1)[-1]
+        raise DiffuseError(f"dataset {name} is {dataset.dim}-D but dim={cfg.dim}")
+    return dataset
+
+
 def data_shape(dataset) -> tuple[int, ...]:
     """[C, *spatial] of one item."""
     return (dataset.channels, *([dataset.resolution] * dataset.dim))

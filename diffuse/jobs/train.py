@@ -13,7 +13,7 @@ from diffuse.data.loader import BatchStream
 from diffuse.diffusion.generation import class_labels, generate
 from diffuse.diffusion.objectives import DiffusionLoss
 from diffuse.errors import DiffuseError
-from diffuse.jobs.common import build, check_dim, data_shape, find_checkpoint, resolve_device
+from diffuse.jobs.common import build, build_dataset, check_dim, data_shape, find_checkpoint, resolve_device
 from diffuse.latent import LatentDataset, use_latent_space
 from diffuse.tracking import Tracker
 from diffuse.training.checkpoint import load_checkpoint
@@ -74,12 +74,10 @@ def _train(cfg, run_dir, state, device, dist) -> dict:
     tcfg = cfg.trainer
 
     use_latent_space(cfg)  # latent.vae=PATH: cfg.dataset becomes that VAE's latents of the data
-    dataset = build(cfg.dataset, "dataset")
+    dataset = build_dataset(cfg)
     latent = dataset if isinstance(dataset, LatentDataset) else None
     if hasattr(dataset, "to"):  # in-memory datasets live on the training device: no host→device copies
         dataset.to(device)
-    if dataset.dim != cfg.dim:
-        raise DiffuseError(f"dataset {cfg.dataset._target_.rsplit('.', 1)[-1]} is {dataset.dim}-D but dim={cfg.dim}")
     model = build(cfg.model, "model").to(device)
     schedule = build(cfg.schedule, "schedule")
     null_class = getattr(model, "null_class", None)

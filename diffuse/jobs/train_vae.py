@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from diffuse import media
 from diffuse.data.loader import BatchStream
 from diffuse.errors import DiffuseError
-from diffuse.jobs.common import build, check_dim, resolve_device
+from diffuse.jobs.common import build, build_dataset, check_dim, resolve_device
 from diffuse.jobs.train import resolve_resume
 from diffuse.models.vae import VAELoss
 from diffuse.tracking import Tracker
@@ -102,9 +102,7 @@ def _train_vae(cfg, run_dir, state, device, dist) -> dict:
     torch.manual_seed(cfg.seed + dist.rank)
     tcfg = cfg.trainer
 
-    dataset = build(cfg.dataset, "dataset")
-    if dataset.dim != cfg.dim:
-        raise DiffuseError(f"dataset {cfg.dataset._target_.rsplit('.', 1)[-1]} is {dataset.dim}-D but dim={cfg.dim}")
+    dataset = build_dataset(cfg)
     vae = build(cfg.vae, "vae").to(device)
     if dataset.resolution % vae.downsample_factor:
         raise DiffuseError(f"dataset.resolution={dataset.resolution} is not divisible by the VAE's downsampling "

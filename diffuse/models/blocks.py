@@ -34,6 +34,15 @@ def broadcast_channels(v: Tensor, ndim: int) -> Tensor:
     return v.view(*v.shape, *([1] * (ndim - 2)))
 
 
+def output_head(dim: int, channels: int, out_channels: int) -> nn.Sequential:
+    """GroupNorm → SiLU → 3-conv, the conv zero-initialised: the network starts as the zero predictor
+    (ε̂ = 0), a stable first step."""
+    head = nn.Sequential(group_norm(channels), nn.SiLU(), conv_nd(dim, channels, out_channels, 3, padding=1))
+    nn.init.zeros_(head[-1].weight)
+    nn.init.zeros_(head[-1].bias)
+    return head
+
+
 class ResBlock(nn.Module):
     """GroupNorm → SiLU → conv, + projected embedding, GroupNorm → SiLU → dropout → conv, + skip (DDPM)."""
 

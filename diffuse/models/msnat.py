@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffuse.models.attention import NeighborhoodAttention
-from diffuse.models.blocks import Downsample, ResBlock, Upsample, check_dim, conv_nd, group_norm
+from diffuse.models.blocks import Downsample, ResBlock, Upsample, check_dim, conv_nd, output_head
 from diffuse.models.embeddings import ClassEmbedding, SinusoidalTimeEmbedding, TimeMLP
 
 
@@ -179,9 +179,7 @@ class MSNATUNet(nn.Module):
             if i > 0:
                 self.up.append(Upsample(dim, ch))
 
-        self.head = nn.Sequential(group_norm(ch), nn.SiLU(), conv_nd(dim, ch, out_channels, 3, padding=1))
-        nn.init.zeros_(self.head[-1].weight)  # start as the zero predictor: a stable first step
-        nn.init.zeros_(self.head[-1].bias)
+        self.head = output_head(dim, ch, out_channels)
 
     @property
     def null_class(self) -> int | None:
