@@ -65,3 +65,25 @@ def test_unet_rejects_indivisible_sizes():
     model = UNet(dim=2, in_channels=1, base_channels=8, channel_mult=(1, 2, 2))
     with pytest.raises(ValueError, match="divisible by 4"):
         model(torch.randn(1, 1, 10, 10), torch.rand(1))
+
+
+@pytest.mark.parametrize("dim", [1, 2, 3])
+def test_res_block_output_depends_on_the_embedding_even_with_one_channel_per_group(dim):
+    """GroupNorm(8) on 8 channels normalises each channel alone: an embedding added before it would vanish."""
+    from diffuse.models.blocks import ResBlock
+
+    torch.manual_seed(0)
+    block = ResBlock(dim, 8, 8, emb_dim=16)
+    x = torch.randn(2, 8, *([6] * dim))
+    emb_a, emb_b = torch.randn(1, 16).expand(2, -1), torch.randn(1, 16).expand(2, -1)
+    assert (block(x, emb_a) - block(x, emb_b)).abs().max() > 1e-2
+
+
+def test_unet_output_depends_on_time_and_class_at_every_width():
+    torch.manual_seed(0)
+    model = UNet(dim=1, in_channels=1, base_channels=16, channel_mult=(1, 2), num_classes=3)
+    torch.nn.init.normal_(model.head[-1].weight, std=0.1)
+    x = torch.randn(2, 1, 16)
+    y = torch.tensor([0, 1])
+    assert (model(x, torch.full((2,), 0.1), y) - model(x, torch.full((2,), 0.9), y)).abs().max() > 1e-3
+    assert (model(x, torch.full((2,), 0.5), y) - model(x, torch.full((2,), 0.5), torch.tensor([2, 2]))).abs().max() > 1e-3

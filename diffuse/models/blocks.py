@@ -44,13 +44,19 @@ def output_head(dim: int, channels: int, out_channels: int) -> nn.Sequential:
 
 
 class ResBlock(nn.Module):
-    """GroupNorm → SiLU → conv, + projected embedding, GroupNorm → SiLU → dropout → conv, + skip (DDPM)."""
+    """GroupNorm → SiLU → conv; GroupNorm scaled and shifted by the embedding → SiLU → dropout → conv; + skip.
+
+    The embedding (time, class) enters as a scale and shift *after* the second GroupNorm (ADM's
+    "scale-shift norm", Dhariwal & Nichol 2021). Adding it before the norm, as the original DDPM does, is
+    erased by the norm whenever a group holds one channel (GroupNorm(32) on 32 channels): the network
+    would then ignore t and y at that level.
+    """
 
     def __init__(self, dim: int, in_ch: int, out_ch: int, emb_dim: int, dropout: float = 0.0):
         super().__init__()
         self.norm1 = group_norm(in_ch)
         self.conv1 = conv_nd(dim, in_ch, out_ch, 3, padding=1)
-        self.emb = nn.Linear(emb_dim, out_ch)
+        self.emb = nn.Linear(emb_dim, 2 * out_ch)
         self.norm2 = group_norm(out_ch)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = conv_nd(dim, out_ch, out_ch, 3, padding=1)
@@ -58,8 +64,9 @@ class ResBlock(nn.Module):
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
-        h = h + broadcast_channels(self.emb(F.silu(emb)), h.ndim)
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        scale, shift = broadcast_channels(self.emb(F.silu(emb)), h.ndim).chunk(2, dim=1)
+        h = self.norm2(h) * (1 + scale) + shift
+        h = self.conv2(self.dropout(F.silu(h)))
         return self.skip(x) + h
 
 
