@@ -11,6 +11,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from diffuse.errors import DiffuseError
+from diffuse.tracking import Tracker
 from diffuse.training.checkpoint import find_latest_checkpoint, load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,12 @@ def build_dataset(cfg: DictConfig):
         name = cfg.dataset._target_.rsplit(".", 1)[-1]
         raise DiffuseError(f"dataset {name} is {dataset.dim}-D but dim={cfg.dim}")
     return dataset
+
+
+def build_tracker(cfg: DictConfig, run_dir: Path, config_dict: dict, state: dict | None, is_main: bool):
+    """The run's Tracker from `cfg.logger`; a resumed run continues its W&B run (id kept in the checkpoint)."""
+    return Tracker(run_dir, mode=cfg.logger.mode, project=cfg.logger.project, config=config_dict,
+                   name=cfg.logger.get("name"), run_id=state.get("wandb_id") if state else None, enabled=is_main)
 
 
 def data_shape(dataset) -> tuple[int, ...]:

@@ -13,9 +13,9 @@ from diffuse.data.loader import BatchStream
 from diffuse.diffusion.generation import class_labels, generate
 from diffuse.diffusion.objectives import DiffusionLoss
 from diffuse.errors import DiffuseError
-from diffuse.jobs.common import build, build_dataset, check_dim, data_shape, find_checkpoint, resolve_device
+from diffuse.jobs.common import (build, build_dataset, build_tracker, check_dim, data_shape, find_checkpoint,
+                                 resolve_device)
 from diffuse.latent import LatentDataset, use_latent_space
-from diffuse.tracking import Tracker
 from diffuse.training.checkpoint import load_checkpoint
 from diffuse.training.distributed import broadcast_object, cleanup, init_distributed
 from diffuse.training.loop import Trainer, TrainerConfig, prepare_training
@@ -92,9 +92,7 @@ def _train(cfg, run_dir, state, device, dist) -> dict:
 
     config_dict = OmegaConf.to_container(cfg, resolve=True)
     n_params = sum(p.numel() for p in model.parameters())
-    tracker = Tracker(run_dir, mode=cfg.logger.mode, project=cfg.logger.project, config=config_dict,
-                      name=cfg.logger.get("name"), run_id=state.get("wandb_id") if state else None,
-                      enabled=dist.is_main)
+    tracker = build_tracker(cfg, run_dir, config_dict, state, dist.is_main)
     sample_shape = data_shape(dataset)
     num_classes = int(getattr(model, "num_classes", 0) or 0)
     class_names = [str(c) for c in getattr(dataset, "class_names", None) or range(num_classes)]

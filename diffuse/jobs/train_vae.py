@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from diffuse import media
 from diffuse.data.loader import BatchStream
 from diffuse.errors import DiffuseError
-from diffuse.jobs.common import build, build_dataset, check_dim, resolve_device
+from diffuse.jobs.common import build, build_dataset, build_tracker, check_dim, resolve_device
 from diffuse.jobs.train import resolve_resume
 from diffuse.models.vae import VAELoss
 from diffuse.tracking import Tracker
@@ -117,9 +117,7 @@ def _train_vae(cfg, run_dir, state, device, dist) -> dict:
         vae, tcfg, data.batches_per_epoch, device, dist)
     config_dict = OmegaConf.to_container(cfg, resolve=True)
     n_params = sum(p.numel() for p in vae.parameters())
-    tracker = Tracker(run_dir, mode=cfg.logger.mode, project=cfg.logger.project, config=config_dict,
-                      name=cfg.logger.get("name"), run_id=state.get("wandb_id") if state else None,
-                      enabled=dist.is_main)
+    tracker = build_tracker(cfg, run_dir, config_dict, state, dist.is_main)
 
     shown = dataset.get_batch(torch.arange(min(int(tcfg.num_sample_images), len(dataset))), None)[0].to(device)
 
