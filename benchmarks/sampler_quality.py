@@ -94,7 +94,7 @@ def nearest_label(x: torch.Tensor, bank_x: torch.Tensor, bank_y: torch.Tensor) -
 
 
 # ----- the checkpoint ------------------------------------------------------------------------------------------
-def train_small(steps: int) -> Path:
+def train_small(steps: int, extra: list[str]) -> Path:
     from hydra import compose, initialize_config_dir
 
     from diffuse.app import CONF_DIR, _register_resolvers
@@ -103,11 +103,12 @@ def train_small(steps: int) -> Path:
     _register_resolvers()
     overrides = ["dataset.resolution=16", "model.base_channels=32", "model.channel_mult=[1,2]",
                  f"trainer.max_steps={steps}", "trainer.batch_size=64", "trainer.sample_every=0", "logger=none",
-                 f"trainer.checkpoint_every={steps}", "trainer.log_every=100"]
+                 f"trainer.checkpoint_every={steps}", "trainer.log_every=100", *extra]
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)
     run_dir = Path(tempfile.mkdtemp(prefix="sampler_quality_"))
-    print(f"training {steps} steps of a small UNet on 2-D shapes 16×16 into {run_dir} …", flush=True)
+    print(f"training {steps} steps of a small UNet on 2-D shapes 16×16 into {run_dir} {' '.join(extra)}…",
+          flush=True)
     t0 = time.time()
     train_job.run(cfg, run_dir, overrides)
     print(f"  done in {time.time() - t0:.0f} s", flush=True)
@@ -178,6 +179,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", nargs="?", help="a last.ckpt (or run folder); default: train a small one")
     p.add_argument("--train-steps", type=int, default=1000)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra config override for the training run (repeatable), e.g. trainer.batch_size=128")
     p.add_argument("--num-samples", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="auto")
@@ -187,7 +190,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
 
     device = resolve_device(args.device)
-    ckpt = args.checkpoint or train_small(args.train_steps)
+    ckpt = args.checkpoint or train_small(args.train_steps, args.set)
     loaded = load_run(str(ckpt), device)
     cfg, model = loaded.config, loaded.model
     dataset = build(cfg.dataset, "dataset")

@@ -1,11 +1,14 @@
 """Our default UNet against diffusers' UNet2DModel of the same layout: training step and sampling forward.
 
-    python benchmarks/train_step.py [--batch 64] [--resolution 32] [--repeats 5] [--out train_step.json]
+    python benchmarks/train_step.py [--batch 64] [--resolution 32] [--repeats 5] [--device cpu|cuda]
+                                    [--precision fp32|bf16] [--out train_step.json]
 
 Both models: 3 levels of 32/64/64 channels, one residual block per level (diffusers: layers_per_block=1),
 self-attention at the coarsest level, a class embedding (4 classes + null), GroupNorm, SiLU. Timed: one
 AdamW step (forward, ε-MSE loss, backward, step) and one no-grad forward (a sampler's network evaluation),
-median of `repeats` after two warm-ups, same inputs for both. Prints a table with the ratio ours/diffusers
+median of `repeats` after two warm-ups, same inputs for both. On CUDA each timing synchronises the device
+before reading the clock; bf16 runs the forward under autocast (weights and optimizer stay fp32), as the
+trainer's `precision=bf16` does. Prints a table with the ratio ours/diffusers
 and writes JSON. Run it on a quiet machine: two busy processes on two cores slow each other several-fold.
 """
 
@@ -35,13 +38,16 @@ def peer(resolution: int):
                        norm_num_groups=32, attention_head_dim=64)
 
 
-def timed(fn, repeats: int) -> float:
-    for _ in range(2):
+def timed(fn, repeats: int, device: torch.device) -> float:
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(3):
         fn()
+    sync()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
@@ -51,17 +57,24 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--resolution", type=int, default=32)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--compile", action="store_true", help="torch.compile both models (trainer.compile=true)")
     p.add_argument("--out", default="train_step.json")
     args = p.parse_args(argv)
     torch.manual_seed(0)
+    device = torch.device(args.device)
     b, r = args.batch, args.resolution
-    x = torch.randn(b, 1, r, r)
-    t = torch.rand(b)
-    y = torch.randint(0, 4, (b,))
+    x = torch.randn(b, 1, r, r, device=device)
+    t = torch.rand(b, device=device)
+    y = torch.randint(0, 4, (b,), device=device)
     noise = torch.randn_like(x)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
     results = {}
     for name, build in (("diffuse", ours), ("diffusers", peer)):
-        model = build(r)
+        model = build(r).to(device)
+        if args.compile:
+            model = torch.compile(model)
         if name == "diffuse":
             net = lambda xx: model(xx, t, y)  # noqa: E731 - t in [0, 1], as our models take it
         else:
@@ -69,25 +82,31 @@ def main(argv=None) -> int:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
         def train_step():
-            loss = (net(x) - noise).pow(2).mean()
+            with autocast:
+                out = net(x)
+            loss = (out.float() - noise).pow(2).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
 
         def forward():
-            with torch.no_grad():
+            with torch.no_grad(), autocast:
                 net(x)
 
         results[name] = {"parameters": sum(q.numel() for q in model.parameters()),
-                         "train_step_s": timed(train_step, args.repeats), "forward_s": timed(forward, args.repeats)}
-    print(f"batch {b}, {r}×{r}, {torch.get_num_threads()} threads, median of {args.repeats}")
+                         "train_step_s": timed(train_step, args.repeats, device),
+                         "forward_s": timed(forward, args.repeats, device)}
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"batch {b}, {r}×{r}, {args.precision}{', compiled' if args.compile else ''}, {where}, "
+          f"median of {args.repeats}")
     print(f"{'':<11}{'params':>10}{'train step s':>14}{'forward s':>11}")
     for name, row in results.items():
         print(f"{name:<11}{row['parameters'] / 1e6:>9.2f}M{row['train_step_s']:>14.3f}{row['forward_s']:>11.3f}")
     ratio = {k: results["diffuse"][k] / results["diffusers"][k] for k in ("train_step_s", "forward_s")}
     print(f"{'ours/peer':<11}{'':>10}{ratio['train_step_s']:>14.2f}{ratio['forward_s']:>11.2f}")
     with open(args.out, "w") as f:
-        json.dump({"batch": b, "resolution": r, "threads": torch.get_num_threads(), "results": results,
+        json.dump({"batch": b, "resolution": r, "device": where, "precision": args.precision,
+                   "compiled": args.compile, "results": results,
                    "ratio_ours_over_diffusers": ratio}, f, indent=2)
     print(f"wrote {args.out}")
     return 0

@@ -120,7 +120,12 @@ def neighborhood_attention(q: Tensor, k: Tensor, v: Tensor, kernel_size: int | S
     kernel = _per_axis(kernel_size, n, "kernel_size")
     dil = _per_axis(dilation, n, "dilation")
     _check_window(spatial, kernel, dil)
-    backend = resolve_backend(backend, q.device)
+    requested, backend = backend, resolve_backend(backend, q.device)
+    if backend == "flex" and q.device.type == "cuda" and min(q.shape[-1], v.shape[-1]) < FLEX_MIN_HEAD_DIM:
+        if requested != "auto":
+            raise DiffuseError(f"attention backend 'flex' needs a head width of at least {FLEX_MIN_HEAD_DIM} "
+                               f"(got {q.shape[-1]}); use fewer heads, backend=torch or auto")
+        backend = "torch"
     if backend == "torch":
         if tile is None and dense_is_cheaper(spatial, kernel, dil):
             return _na_dense(q, k, v, _dense_mask(spatial, kernel, dil, q.device, q.dtype), scale)
@@ -133,6 +138,11 @@ def neighborhood_attention(q: Tensor, k: Tensor, v: Tensor, kernel_size: int | S
     if backend == "flex":
         return _na_flex(q, k, v, kernel, dil, scale)
     return _na_natten(q, k, v, kernel, dil, scale)
+
+
+# flex_attention's compiled (CUDA) kernels take heads at least this wide (inductor raises NYI below it);
+# `auto` then takes the torch backend for that call.
+FLEX_MIN_HEAD_DIM = 16
 
 
 def natten_available() -> bool:
