@@ -7,12 +7,13 @@ Rows named *_clip run with clip_x0 (x̂₀ clamped to [−1, 1]); ddpm_clip is t
 Cost: about 1800 network evaluations of --num-samples images (ddpm's 1000 dominate), plus the training;
 `--quick` runs fewer rows.
 
-Metrics (say which, with the sample count):
+Metrics (diffuse/metrics.py, the ones `diffuse evaluate` reports):
   - FD: Fréchet distance between Gaussian fits of features of generated and real images, the features being
     those of a fixed, randomly initialised conv net (seeded; global mean+max pooling, 128-d). An FID-like
     distance without a download. The "real vs real" row is the floor for that sample count.
   - label agreement (conditional models): the fraction of samples whose nearest real image (L2, over a bank
     of real images) has the class that was asked for.
+"off" is the fraction of samples whose mean brightness is outside the range of the real images' means.
 The question it answers: do the few-step samplers at ~20 NFE reach what `ddpm` reaches at 1000?
 
 If `diffusers` is installed it also runs its DDIMScheduler and DPMSolverMultistepScheduler (DPM-Solver++ 2M)
@@ -28,15 +29,14 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from scipy import linalg
 
 from diffuse.diffusion.generation import class_labels, generate
 from diffuse.diffusion.guidance import Denoiser
 from diffuse.diffusion.samplers import (DDIM, DDPM, DPMSolverPP, EulerMaruyama, Heun, NoiseSource,
                                         PredictorCorrector, prior_sample)
 from diffuse.jobs.common import build, load_run, resolve_device
+from diffuse.metrics import RandomFeatures, frechet_distance, nearest_label, off_range_fraction
 
 # (name, sampler, steps): NFE ≈ 10 / 20 / 50 / 100 for each, ddpm up to its full 1000
 CONFIGS = [
@@ -53,44 +53,6 @@ CONFIGS = [
     *[("pc", lambda n: PredictorCorrector(n), n) for n in (10, 50)],
 ]
 QUICK = [c for c in CONFIGS if c[2] in (10, 11, 1000) and not c[0].endswith("clip")]
-
-
-# ----- the metric --------------------------------------------------------------------------------------------
-class RandomFeatures(torch.nn.Module):
-    """A fixed random conv net for 1-, 2- or 3-D images: [B, C, *sp] → [B, 128]."""
-
-    def __init__(self, dim: int, channels: int, seed: int = 0):
-        super().__init__()
-        conv = {1: torch.nn.Conv1d, 2: torch.nn.Conv2d, 3: torch.nn.Conv3d}[dim]
-        g = torch.Generator().manual_seed(seed)
-        self.layers = torch.nn.ModuleList([conv(channels, 32, 3, padding=1), conv(32, 64, 3, stride=2, padding=1)])
-        for layer in self.layers:  # deterministic init, independent of torch's global RNG
-            torch.nn.init.normal_(layer.weight, std=(2.0 / layer.weight[0].numel()) ** 0.5, generator=g)
-            torch.nn.init.zeros_(layer.bias)
-        self.eval().requires_grad_(False)
-
-    @torch.no_grad()
-    def forward(self, x):
-        for layer in self.layers:
-            x = torch.relu(layer(x))
-        flat = x.flatten(2)
-        return torch.cat([flat.mean(2), flat.amax(2)], dim=1)
-
-
-def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """‖μ_a − μ_b‖² + tr(Σ_a + Σ_b − 2(Σ_a Σ_b)^{1/2}) of Gaussian fits (as FID)."""
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    # tr (Σ_a Σ_b)^{1/2} = Σ √eig(Σ_a^{1/2} Σ_b Σ_a^{1/2}), a symmetric PSD matrix: stable, real
-    w, v = linalg.eigh(cov_a)
-    root_a = (v * np.sqrt(w.clip(min=0))) @ v.T
-    tr_covmean = np.sqrt(linalg.eigvalsh(root_a @ cov_b @ root_a).clip(min=0)).sum()
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * tr_covmean)
-
-
-def nearest_label(x: torch.Tensor, bank_x: torch.Tensor, bank_y: torch.Tensor) -> torch.Tensor:
-    d = torch.cdist(x.flatten(1), bank_x.flatten(1))
-    return bank_y[d.argmin(1)]
 
 
 # ----- the checkpoint ------------------------------------------------------------------------------------------
@@ -205,16 +167,16 @@ def main(argv=None) -> int:
     real_b, _ = dataset.get_batch(idx[n:2 * n])
     bank_x, bank_y = dataset.get_batch(idx[2 * n:2 * n + 4096])
     feats = RandomFeatures(dataset.dim, dataset.channels)
-    ref_feats = feats(real_a).numpy()
-    floor = frechet_distance(ref_feats, feats(real_b).numpy())
+    ref_feats = feats(real_a)
+    floor = frechet_distance(ref_feats, feats(real_b))
 
     labels = class_labels(n, num_classes)
     labels = None if labels is None else labels[:n]
     print(f"\ncheckpoint {loaded.path} (step {loaded.step}; schedule {cfg.schedule._target_.rsplit('.', 1)[-1]}, "
           f"{dataset.dim}-D {'×'.join(map(str, shape[1:]))}); {n} samples per row, FD on random-conv features")
-    head = f"{'sampler':<18}{'steps':>6}{'NFE':>6}{'FD':>9}{'labels':>8}{'time s':>8}"
+    head = f"{'sampler':<18}{'steps':>6}{'NFE':>6}{'FD':>9}{'labels':>8}{'off':>7}{'time s':>8}"
     print(head + "\n" + "-" * len(head))
-    print(f"{'real vs real':<18}{'':>6}{'':>6}{floor:>9.3f}{'':>8}{'':>8}")
+    print(f"{'real vs real':<18}{'':>6}{'':>6}{floor:>9.3f}{'':>8}{'':>7}{'':>8}")
     rows = []
     for name, make, steps in (QUICK if args.quick else CONFIGS):
         sampler = make(steps)
@@ -224,12 +186,13 @@ def main(argv=None) -> int:
                        null_class=getattr(model, "null_class", None), device=device)
         elapsed = time.time() - t0
         x = out.x.clamp(-1, 1)
-        fd = frechet_distance(feats(x).numpy(), ref_feats)
+        fd = frechet_distance(feats(x), ref_feats)
         agree = (nearest_label(x, bank_x, bank_y) == labels).float().mean().item() if labels is not None else None
+        off = off_range_fraction(x, real_a)
         rows.append({"sampler": name, "steps": steps, "nfe": out.nfe, "fd": fd, "label_agreement": agree,
-                     "seconds": elapsed})
+                     "off_range_fraction": off, "seconds": elapsed})
         print(f"{name:<18}{steps:>6}{out.nfe:>6}{fd:>9.3f}{'' if agree is None else f'{agree:8.3f}'}"
-              f"{elapsed:>8.1f}", flush=True)
+              f"{off:>7.3f}{elapsed:>8.1f}", flush=True)
 
     reference = next((r for r in rows if r["sampler"] == "ddpm" and r["steps"] == 1000), None)
     if reference is not None:

@@ -15,6 +15,7 @@ JOBS = {
     "train": "train a diffusion model (default: shapes, 2-D, unet, linear DDPM)",
     "sample": "draw samples from a checkpoint (default: newest under outputs/): samples.npz, grid.png",
     "animate": "sample plus an animation of the denoising (= sample --animation)",
+    "evaluate": "sample quality of a checkpoint against real data (FD, label agreement): metrics.json",
     "train-vae": "train the autoencoder of latent diffusion (then: diffuse train latent.vae=PATH)",
 }
 ALIASES = {"animate": ("sample", ["animation.enabled=true"]), "train-vae": ("train_vae", [])}

@@ -1,0 +1,71 @@
+"""`diffuse evaluate`: metrics.json from a checkpoint, a sampler sweep in one multirun, its errors, and the
+reference data it compares with (the test split of MNIST)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+
+from diffuse.jobs.evaluate import reference_dataset
+
+from conftest import TINY, run_cli
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evaluate")
+    proc = run_cli(["train", *TINY, "trainer.max_steps=3"], root)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return root, next(root.glob("outputs/*/*/checkpoints/last.ckpt"))
+
+
+def _metrics(stdout: str) -> list[dict]:
+    paths = [line.split(": ", 1)[1] for line in stdout.splitlines() if line.startswith("metrics: ")]
+    return [json.loads(open(p).read()) for p in paths]
+
+
+def test_evaluate_writes_metrics_for_each_sampler(checkpoint):
+    root, ckpt = checkpoint
+    proc = run_cli(["evaluate", "-m", f"checkpoint={ckpt}", "sampler=ddim,dpm_solver", "sampler.steps=4",
+                    "num_samples=24", "batch_size=10", "device=cpu"], root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = _metrics(proc.stdout)
+    assert [r["sampler"] for r in results] == ["DDIM", "DPMSolverPP"]
+    for r in results:
+        assert r["step"] == 3 and r["steps"] == 4 and r["num_samples"] == 24
+        assert r["nfe"] == 4
+        assert math.isfinite(r["fd"]) and r["fd"] > r["fd_real_vs_real"] >= 0  # 3 steps of training: far off
+        assert 0 <= r["label_agreement"] <= 1 and 0 <= r["off_range_fraction"] <= 1
+        assert -1 <= r["mean"] <= 1 and r["real_std"] > 0
+
+
+def test_evaluate_is_reproducible_and_keeps_samples(checkpoint):
+    root, ckpt = checkpoint
+    args = ["evaluate", f"checkpoint={ckpt}", "sampler=ddim", "sampler.steps=3", "num_samples=12", "device=cpu"]
+    first = run_cli([*args, "save_samples=true", "batch_size=5"], root)
+    second = run_cli([*args, "batch_size=12"], root)
+    assert first.returncode == 0 and second.returncode == 0, first.stderr[-2000:] + second.stderr[-2000:]
+    a, b = _metrics(first.stdout)[0], _metrics(second.stdout)[0]
+    assert a["fd"] == pytest.approx(b["fd"], rel=1e-6)  # per-sample seeds: batch size does not matter
+    metrics_path = root / first.stdout.split("metrics: ", 1)[1].splitlines()[0]  # relative to cwd, or absolute
+    samples = np.load(metrics_path.parent / "samples.npz")
+    assert samples["x"].shape == (12, 1, 8, 8) and samples["y"].tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+
+
+def test_evaluate_asks_for_more_data_than_there_is(checkpoint):
+    root, ckpt = checkpoint
+    proc = run_cli(["evaluate", f"checkpoint={ckpt}", "num_samples=1000", "device=cpu"], root)
+    assert proc.returncode == 1
+    assert "only 64 images" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_reference_is_the_test_split(shared_data):
+    saved = OmegaConf.create({"dim": 2, "dataset": {
+        "_target_": "diffuse.data.vision.MNISTDataset", "dim": 2, "root": "/nowhere", "split": "train",
+        "resolution": 28, "channels": 1, "num_classes": 10}})
+    dataset = reference_dataset(saved, "test", str(shared_data))
+    assert len(dataset) == 10000
