@@ -101,6 +101,9 @@ def diffusers_check(loaded, device, shape, n: int) -> list[dict]:
     labels = class_labels(n, int(getattr(model, "num_classes", 0) or 0))
     labels = None if labels is None else labels[:n].to(device)
     rows = []
+    # warm-up (cuDNN autotuning, allocator growth), so that the first timed row is not charged for it
+    Denoiser(model, loaded.schedule, y=labels, null_class=getattr(model, "null_class", None)).eps(
+        prior_sample(loaded.schedule, NoiseSource(range(n), device), shape), 0.5)
     print(f"\ncross-check against diffusers {diffusers.__version__} (same network, noise and grid; {n} samples)")
     print(f"{'scheduler':<34}{'steps':>6}{'max |Δx|':>12}{'ours s':>9}{'diffusers s':>13}{'ratio':>7}")
     for label, make_ref, ours_cls in (
