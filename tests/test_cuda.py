@@ -140,3 +140,16 @@ def test_narrow_heads_fall_back_from_flex_under_auto():
     assert rel_err(out, ref) < 2e-3
     with pytest.raises(DiffuseError, match="head width of at least 16"):
         neighborhood_attention(q, k, v, 3, backend="flex")
+
+
+def test_shapes_render_on_cuda_like_on_cpu():
+    """The trainer moves `shapes` to the GPU (no host time per batch): the same batches, to rounding."""
+    from diffuse.data.shapes import ShapesDataset
+
+    for dim in (1, 2, 3):
+        cpu = ShapesDataset(dim=dim, resolution=16, channels=3, size=256)
+        gpu = ShapesDataset(dim=dim, resolution=16, channels=3, size=256).to("cuda")
+        idx = torch.randperm(256)[:32]
+        (xc, yc), (xg, yg) = cpu.get_batch(idx), gpu.get_batch(idx)
+        assert xg.is_cuda and yg.is_cuda and torch.equal(yg.cpu(), yc)
+        torch.testing.assert_close(xg.cpu(), xc, atol=1e-4, rtol=0)

@@ -44,9 +44,18 @@ class ShapesDataset:
     def __len__(self) -> int:
         return self.size
 
+    def to(self, device: torch.device | str) -> "ShapesDataset":
+        """Render on `device`: the trainer calls this, so a GPU run draws its batches there instead of
+        spending host time on them every step (64×32² takes ~20 ms on a CPU core, ~1 ms of GPU work)."""
+        for name in ("labels", "centers", "radii", "extra", "colors", "coords"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, value.to(device))
+        return self
+
     def get_batch(self, indices: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        """indices: [B] int64 → x [B, channels, *spatial] in [−1, 1], y [B] int64."""
-        indices = indices.cpu()
+        """indices: [B] int64 → x [B, channels, *spatial] in [−1, 1], y [B] int64, on the dataset's device."""
+        indices = indices.to(self.labels.device)
         y = self.labels[indices]
         view = (-1, *([1] * self.dim))
         rel = self.coords[None] - self.centers[indices].view(-1, self.dim, *([1] * self.dim))  # [B, dim, *sp]
