@@ -186,3 +186,29 @@ def test_bad_precision_and_dims(tmp_path):
         _train(tmp_path, "p", ["trainer.max_steps=2", "trainer.precision=fp8"])
     with pytest.raises(DiffuseError, match="dim must be 1, 2 or 3; got 4"):
         _train(tmp_path, "d", ["dim=4"])
+
+
+def test_channels_last_choice_and_same_training(tmp_path):
+    from diffuse.models.unet import UNet
+    from diffuse.training.loop import use_channels_last
+
+    planar, volume = UNet(dim=2, base_channels=8, channel_mult=(1,)), UNet(dim=3, base_channels=8, channel_mult=(1,))
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert use_channels_last("auto", planar, cpu) and not use_channels_last("auto", planar, cuda)
+    assert not use_channels_last("auto", volume, cpu) and not use_channels_last(False, planar, cpu)
+    assert use_channels_last(True, planar, cuda)
+    with pytest.raises(DiffuseError, match="2-D convolutions only"):
+        use_channels_last(True, volume, cpu)
+    with pytest.raises(DiffuseError, match="auto, true or false"):
+        use_channels_last("yes", planar, cpu)
+    # the same run with NHWC and NCHW weights: the same losses and weights up to float rounding
+    runs = {}
+    for flag in ("true", "false"):
+        _train(tmp_path, flag, ["trainer.max_steps=4", f"trainer.channels_last={flag}"])
+        runs[flag] = load_checkpoint(tmp_path / flag / "checkpoints" / "last.ckpt")
+    conv = next(v for v in runs["true"]["model"].values() if v.dim() == 4 and v.shape[1] > 1 and v.shape[-1] > 1)
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    for key, value in runs["false"]["model"].items():
+        torch.testing.assert_close(runs["true"]["model"][key], value, rtol=1e-4, atol=1e-5, msg=key)
+    losses = [_losses(tmp_path / flag) for flag in ("true", "false")]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)

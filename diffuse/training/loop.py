@@ -56,12 +56,31 @@ def build_lr_scheduler(optimizer, name: str, max_steps: int, lr: float, warmup_s
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def use_channels_last(setting, model: nn.Module, device: torch.device) -> bool:
+    """Whether to store a model's weights channels-last (NHWC), which only 2-D convolutions can use.
+
+    auto: on the CPU for models with 2-D convolutions and no 1-D/3-D ones (the default UNet's step measured
+    ~10% faster there: oneDNN's convolutions run NHWC natively); elsewhere left to the user.
+    """
+    convs = {type(m) for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)}
+    planar = nn.Conv2d in convs and not convs - {nn.Conv2d, nn.ConvTranspose2d}
+    if setting == "auto":
+        return planar and device.type == "cpu"
+    if setting is True and not planar:
+        raise DiffuseError("trainer.channels_last=true needs a model with 2-D convolutions only (dim=2)")
+    if isinstance(setting, bool):
+        return setting
+    raise DiffuseError(f"trainer.channels_last must be auto, true or false; got {setting!r}")
+
+
 def prepare_training(model: nn.Module, tcfg, batches_per_epoch: int, device: torch.device, dist: DistInfo):
     """The parts every trainer needs, from the `trainer` config: step count, EMA, the (compiled, DDP-wrapped)
     module to train, AdamW and its LR schedule. Returns (max_steps, ema, train_model, optimizer, lr_scheduler)."""
     max_steps = int(tcfg.epochs) * batches_per_epoch if tcfg.get("epochs") else tcfg.max_steps
     if not max_steps or max_steps < 1:
         raise DiffuseError("set trainer.max_steps or trainer.epochs to a positive number")
+    if use_channels_last(tcfg.get("channels_last", "auto"), model, device):
+        model.to(memory_format=torch.channels_last)  # before the EMA copy and the optimizer see the weights
     ema = EMA(model, decay=tcfg.ema_decay, warmup=tcfg.ema_warmup)
     train_model = torch.compile(model) if tcfg.compile else model
     if dist.enabled:
