@@ -200,3 +200,23 @@ def test_reconstruction_mse_is_the_mean_squared_error_of_the_posterior_mean():
     expected = (vae(x, sample=False)[0] - x).pow(2).mean().item()
     assert reconstruction_mse(vae, data, batch_size=3, device=torch.device("cpu"), max_items=7) == pytest.approx(
         expected, rel=1e-5)
+
+
+def test_latent_runs_sample_without_data_range_clipping(vae_run, latent_run):
+    """x̂₀ clipping to [−1, 1] is for data space: the latent run's own ddpm_clip samples unclipped (and says
+    so), in training, `sample` and `evaluate`; a clip_range chosen for latents is kept."""
+    from diffuse.diffusion.samplers import DDPM
+    from diffuse.latent import unclipped_in_latent_space
+
+    assert unclipped_in_latent_space(DDPM(4, clip_x0=True), latent=True).clip_x0 is False
+    assert unclipped_in_latent_space(DDPM(4, clip_x0=True), latent=False).clip_x0 is True
+    assert unclipped_in_latent_space(DDPM(4, clip_x0=True, clip_range=(-3, 3)), latent=True).clip_x0 is True
+
+    cwd, run = latent_run
+    assert "which latents do not lie in" in (run / "train.log").read_text()
+    proc = _ok(run_cli(["evaluate", f"checkpoint={run}", "num_samples=8", "sampler.steps=3", "device=cpu"], cwd))
+    assert "which latents do not lie in" in proc.stderr + proc.stdout
+    metrics_path = cwd / proc.stdout.split("metrics: ", 1)[1].splitlines()[0]
+    result = json.loads(metrics_path.read_text())
+    assert result["clip_x0"] is False and result["sampler"] == "DDPM"
+    assert result["fd"] > 0 and 0 <= result["label_agreement"] <= 1

@@ -23,13 +23,13 @@ from diffuse.diffusion.generation import class_labels, generate
 from diffuse.errors import DiffuseError
 from diffuse.jobs.common import build, load_run, resolve_device
 from diffuse.jobs.sample import sampler_config
-from diffuse.latent import LATENT_DATASET, latent_decoder
+from diffuse.latent import is_latent_run, latent_decoder, unclipped_in_latent_space
 from diffuse.training.loop import PRECISIONS
 
 
 def reference_dataset(saved: DictConfig, split: str | None, data_root: str | None):
     """The run's own data (for latent runs the pixel data under the VAE), on the asked split and root."""
-    node = saved.dataset.data if saved.dataset.get("_target_") == LATENT_DATASET else saved.dataset
+    node = saved.dataset.data if is_latent_run(saved) else saved.dataset
     node = OmegaConf.create(OmegaConf.to_container(node, resolve=True))
     if split and "split" in node:
         node.split = split
@@ -59,7 +59,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> d
     loaded = load_run(cfg.checkpoint, device, use_ema=cfg.use_ema)
     saved, model = loaded.config, loaded.model
     chosen = sampler_config(cfg, saved, overrides or [])
-    sampler = build(chosen, "sampler")
+    sampler = unclipped_in_latent_space(build(chosen, "sampler"), is_latent_run(saved))
     dataset = reference_dataset(saved, cfg.get("reference_split"), cfg.get("data_root"))
     real_a, real_y, real_b = real_sets(dataset, n)
 
@@ -86,7 +86,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> d
     result = {
         "checkpoint": str(loaded.path), "step": loaded.step, "sampler": type(sampler).__name__,
         "sampler_config": OmegaConf.to_container(chosen, resolve=True),
-        "steps": int(sampler.steps), "nfe": int(out.nfe), "num_samples": n, "seconds": round(seconds, 3),
+        "steps": int(sampler.steps), "clip_x0": sampler.clip_x0, "nfe": int(out.nfe), "num_samples": n, "seconds": round(seconds, 3),
         "fd": metrics.frechet_distance(metrics.features(net, x), feats_real),
         "fd_real_vs_real": None if real_b is None else metrics.frechet_distance(metrics.features(net, real_b),
                                                                                  feats_real),

@@ -18,7 +18,7 @@ from diffuse import media
 from diffuse.diffusion.generation import class_labels, generate
 from diffuse.errors import DiffuseError
 from diffuse.jobs.common import build, load_run, resolve_device
-from diffuse.latent import latent_decoder
+from diffuse.latent import is_latent_run, latent_decoder, unclipped_in_latent_space
 from diffuse.training.loop import PRECISIONS
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,8 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> d
     device = resolve_device(cfg.device)
     loaded = load_run(cfg.checkpoint, device, use_ema=cfg.use_ema)
     saved = loaded.config
-    sampler = build(sampler_config(cfg, saved, overrides or []), "sampler")
+    sampler = unclipped_in_latent_space(build(sampler_config(cfg, saved, overrides or []), "sampler"),
+                                        is_latent_run(saved))
     model = loaded.model
     num_classes = int(getattr(model, "num_classes", 0) or 0)
     if cfg.get("class_label") is not None:

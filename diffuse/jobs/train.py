@@ -15,7 +15,7 @@ from diffuse.diffusion.objectives import DiffusionLoss
 from diffuse.errors import DiffuseError
 from diffuse.jobs.common import (build, build_dataset, build_tracker, check_dim, data_shape, find_checkpoint,
                                  resolve_device)
-from diffuse.latent import LatentDataset, use_latent_space
+from diffuse.latent import LatentDataset, unclipped_in_latent_space, use_latent_space
 from diffuse.training.checkpoint import load_checkpoint
 from diffuse.training.distributed import broadcast_object, cleanup, init_distributed
 from diffuse.training.loop import Trainer, TrainerConfig, prepare_training
@@ -96,7 +96,7 @@ def _train(cfg, run_dir, state, device, dist) -> dict:
     sample_shape = data_shape(dataset)
     num_classes = int(getattr(model, "num_classes", 0) or 0)
     class_names = [str(c) for c in getattr(dataset, "class_names", None) or range(num_classes)]
-    sampler = build(cfg.sampler, "sampler")
+    sampler = unclipped_in_latent_space(build(cfg.sampler, "sampler"), latent is not None)
     if tcfg.get("sample_steps"):
         sampler.steps = min(int(tcfg.sample_steps), sampler.steps)
 
