@@ -40,7 +40,11 @@ def test_evaluate_writes_metrics_for_each_sampler(checkpoint):
         assert r["nfe"] == 4
         assert math.isfinite(r["fd"]) and r["fd"] > r["fd_real_vs_real"] >= 0  # 3 steps of training: far off
         assert 0 <= r["label_agreement"] <= 1 and 0 <= r["off_range_fraction"] <= 1
+        assert 0 <= r["label_agreement_real"] <= 1
         assert -1 <= r["mean"] <= 1 and r["real_std"] > 0
+    # the real sets do not depend on the sampler: the same floor and ceiling in both runs
+    assert results[0]["fd_real_vs_real"] == results[1]["fd_real_vs_real"]
+    assert results[0]["label_agreement_real"] == results[1]["label_agreement_real"]
 
 
 def test_evaluate_is_reproducible_and_keeps_samples(checkpoint):
