@@ -88,8 +88,8 @@ def is_latent_run(config: DictConfig | dict) -> bool:
 
 def unclipped_in_latent_space(sampler, latent: bool):
     """x̂₀ clipping clamps to the data range [−1, 1]. Scaled latents are not bounded by it (std ≈ 1: the
-    clamp cuts about a third of them) and clamping them ruins the samples (latent MNIST, 1000 samples: FD
-    0.53 unclipped vs 2.37 clipped). So a latent run samples unclipped unless clip_range was set to
+    clamp cuts about a third of them) and clamping them ruins the samples (latent MNIST, 1000 samples of
+    DDPM with 1000 steps: FD 0.30 unclipped vs 2.37 clipped). So a latent run samples unclipped unless clip_range was set to
     something other than the data range."""
     if latent and sampler.clip_x0 and tuple(sampler.clip_range) == (-1.0, 1.0):
         log.warning("sampler.clip_x0 clamps x̂₀ to the data range [-1, 1], which latents do not lie in: "
