@@ -32,7 +32,7 @@ FLAG_TARGETS = {"animation": "animation.enabled"}
 
 def usage() -> str:
     lines = ["usage: diffuse JOB [key=value …] [--flag[=value] …] [-m] [--cfg job] [--help]", "", "jobs:"]
-    lines += [f"  {name:<8} {text}" for name, text in JOBS.items()]
+    lines += [f"  {name:<11}{text}" for name, text in JOBS.items()]
     lines += ["", "`diffuse JOB --help` lists the config groups and their choices.",
               "Examples: diffuse train model=msnat dim=3 · diffuse sample --animation · "
               "diffuse train -m trainer.lr=1e-4,3e-4"]
