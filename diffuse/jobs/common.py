@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from hydra.utils import instantiate
@@ -13,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from diffuse.errors import DiffuseError
 from diffuse.tracking import Tracker
 from diffuse.training.checkpoint import find_latest_checkpoint, load_checkpoint
+from diffuse.training.distributed import broadcast_object, cleanup, init_distributed
 
 log = logging.getLogger(__name__)
 
@@ -55,13 +57,30 @@ def build(node: DictConfig | dict, what: str, **kwargs):
         raise DiffuseError(f"cannot build {what}: {msg}") from None
 
 
-def build_dataset(cfg: DictConfig):
-    """The configured dataset, checked against the run's `dim`."""
+def build_dataset(cfg: DictConfig, device: torch.device | None = None):
+    """The configured dataset, checked against the run's `dim`. With a device, datasets that can (in-memory
+    images, `shapes`) move there, so batches are drawn on the training device, not copied to it."""
     dataset = build(cfg.dataset, "dataset")
     if dataset.dim != cfg.dim:
         name = cfg.dataset._target_.rsplit(".", 1)[-1]
         raise DiffuseError(f"dataset {name} is {dataset.dim}-D but dim={cfg.dim}")
+    if device is not None and hasattr(dataset, "to"):
+        dataset.to(device)
     return dataset
+
+
+def run_trainer_process(cfg: DictConfig, run_dir: Path, state: dict | None, train: Callable) -> dict:
+    """The process around a trainer: checks dim, picks the device, joins the torchrun group if any (a GPU per
+    process), shares rank 0's run dir, seeds per rank, then `train(cfg, run_dir, state, device, dist)`;
+    the group is always left."""
+    check_dim(cfg)
+    dist, device = init_distributed(resolve_device(cfg.device))
+    try:
+        run_dir = Path(broadcast_object(str(run_dir), dist))
+        torch.manual_seed(cfg.seed + dist.rank)
+        return train(cfg, run_dir, state, device, dist)
+    finally:
+        cleanup(dist)
 
 
 def build_tracker(cfg: DictConfig, run_dir: Path, config_dict: dict, state: dict | None, is_main: bool):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from diffuse import media
@@ -13,11 +12,10 @@ from diffuse.data.loader import BatchStream
 from diffuse.diffusion.generation import class_labels, generate
 from diffuse.diffusion.objectives import DiffusionLoss
 from diffuse.errors import DiffuseError
-from diffuse.jobs.common import (build, build_dataset, build_tracker, check_dim, data_shape, find_checkpoint,
-                                 resolve_device)
+from diffuse.jobs.common import (build, build_dataset, build_tracker, data_shape, find_checkpoint,
+                                 run_trainer_process)
 from diffuse.latent import LatentDataset, unclipped_in_latent_space, use_latent_space
 from diffuse.training.checkpoint import load_checkpoint
-from diffuse.training.distributed import broadcast_object, cleanup, init_distributed
 from diffuse.training.loop import Trainer, TrainerConfig, prepare_training
 
 log = logging.getLogger(__name__)
@@ -56,28 +54,15 @@ def resolve_resume(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> tupl
 
 def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> dict:
     cfg, run_dir, state = resolve_resume(cfg, Path(run_dir), overrides or [])
-    check_dim(cfg)
-    device = resolve_device(cfg.device)
-    dist = init_distributed(device)
-    try:
-        return _train(cfg, run_dir, state, device, dist)
-    finally:
-        cleanup(dist)
+    return run_trainer_process(cfg, run_dir, state, _train)
 
 
 def _train(cfg, run_dir, state, device, dist) -> dict:
-    if dist.enabled and device.type == "cuda":
-        device = torch.device("cuda", dist.local_rank)
-        torch.cuda.set_device(device)
-    run_dir = Path(broadcast_object(str(run_dir), dist))
-    torch.manual_seed(cfg.seed + dist.rank)
     tcfg = cfg.trainer
 
     use_latent_space(cfg)  # latent.vae=PATH: cfg.dataset becomes that VAE's latents of the data
-    dataset = build_dataset(cfg)
+    dataset = build_dataset(cfg, device)
     latent = dataset if isinstance(dataset, LatentDataset) else None
-    if hasattr(dataset, "to"):  # in-memory datasets live on the training device: no host→device copies
-        dataset.to(device)
     model = build(cfg.model, "model").to(device)
     schedule = build(cfg.schedule, "schedule")
     null_class = getattr(model, "null_class", None)
@@ -125,10 +110,7 @@ def _train(cfg, run_dir, state, device, dist) -> dict:
             log.info("animation → %s", anim)
 
     trainer = Trainer(train_model, loss_fn, schedule, data, optimizer, lr_scheduler, ema,
-                      TrainerConfig(max_steps=max_steps, log_every=tcfg.log_every,
-                                    checkpoint_every=tcfg.checkpoint_every, sample_every=tcfg.sample_every,
-                                    grad_clip=tcfg.grad_clip, precision=tcfg.precision),
-                      run_dir, tracker, dist, device, cfg.seed, config_dict,
+                      TrainerConfig.from_config(tcfg, max_steps), run_dir, tracker, dist, device, cfg.seed, config_dict,
                       on_sample=on_sample if tcfg.sample_every else None)
     trainer.extra_state = {"wandb_id": tracker.run_id or "", "class_names": class_names,
                            **(latent.checkpoint_state() if latent else {})}

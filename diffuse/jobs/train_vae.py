@@ -18,11 +18,10 @@ from omegaconf import DictConfig, OmegaConf
 from diffuse import media
 from diffuse.data.loader import BatchStream
 from diffuse.errors import DiffuseError
-from diffuse.jobs.common import build, build_dataset, build_tracker, check_dim, resolve_device
+from diffuse.jobs.common import build, build_dataset, build_tracker, run_trainer_process
 from diffuse.jobs.train import resolve_resume
 from diffuse.models.vae import VAELoss
 from diffuse.tracking import Tracker
-from diffuse.training.distributed import broadcast_object, cleanup, init_distributed
 from diffuse.training.loop import Trainer, TrainerConfig, prepare_training
 
 log = logging.getLogger(__name__)
@@ -54,13 +53,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> d
     cfg, run_dir, state = resolve_resume(cfg, Path(run_dir), overrides)
     if state is not None and "vae" not in state["config"]:
         raise DiffuseError(f"{cfg.resume} is a diffusion checkpoint, not a VAE one: resume it with `diffuse train`")
-    check_dim(cfg)
-    device = resolve_device(cfg.device)
-    dist = init_distributed(device)
-    try:
-        return _train_vae(cfg, run_dir, state, device, dist)
-    finally:
-        cleanup(dist)
+    return run_trainer_process(cfg, run_dir, state, _train_vae)
 
 
 def reconstruction_grid(x: torch.Tensor, recon: torch.Tensor, path: Path, per_row: int = 8) -> Path:
@@ -95,14 +88,9 @@ def _evaluation_dataset(cfg: DictConfig):
 
 
 def _train_vae(cfg, run_dir, state, device, dist) -> dict:
-    if dist.enabled and device.type == "cuda":
-        device = torch.device("cuda", dist.local_rank)
-        torch.cuda.set_device(device)
-    run_dir = Path(broadcast_object(str(run_dir), dist))
-    torch.manual_seed(cfg.seed + dist.rank)
     tcfg = cfg.trainer
 
-    dataset = build_dataset(cfg)
+    dataset = build_dataset(cfg, device)
     vae = build(cfg.vae, "vae").to(device)
     if dataset.resolution % vae.downsample_factor:
         raise DiffuseError(f"dataset.resolution={dataset.resolution} is not divisible by the VAE's downsampling "
@@ -130,10 +118,7 @@ def _train_vae(cfg, run_dir, state, device, dist) -> dict:
         log.info("step %d: reconstructions → %s", step, path)
 
     trainer = Trainer(train_model, loss_fn, None, data, optimizer, lr_scheduler, ema,
-                      TrainerConfig(max_steps=max_steps, log_every=tcfg.log_every,
-                                    checkpoint_every=tcfg.checkpoint_every, sample_every=tcfg.sample_every,
-                                    grad_clip=tcfg.grad_clip, precision=tcfg.precision),
-                      run_dir, _TrackerWithLossParts(tracker, loss_fn), dist, device, cfg.seed, config_dict,
+                      TrainerConfig.from_config(tcfg, max_steps), run_dir, _TrackerWithLossParts(tracker, loss_fn), dist, device, cfg.seed, config_dict,
                       on_sample=on_sample if tcfg.sample_every else None)
     trainer.extra_state = {"wandb_id": tracker.run_id or ""}
     if state is not None:

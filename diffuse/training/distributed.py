@@ -28,15 +28,21 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def init_distributed(device: torch.device) -> DistInfo:
-    """Init the default process group when torchrun started several processes (nccl on CUDA, else gloo)."""
+def init_distributed(device: torch.device) -> tuple[DistInfo, torch.device]:
+    """Init the default process group when torchrun started several processes (nccl on CUDA, else gloo).
+
+    Returns the process's DistInfo and its device: on CUDA each process takes GPU LOCAL_RANK, selected
+    before the process group starts so that nccl binds to it."""
     world = launched_world_size()
     if world <= 1:
-        return DistInfo()
+        return DistInfo(), device
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return DistInfo(rank=rank, local_rank=local_rank, world_size=world)
+    return DistInfo(rank=rank, local_rank=local_rank, world_size=world), device
 
 
 def barrier(info: DistInfo) -> None:

@@ -101,6 +101,12 @@ class TrainerConfig:
     grad_clip: float | None = 1.0
     precision: str = "fp32"
 
+    @classmethod
+    def from_config(cls, tcfg, max_steps: int) -> "TrainerConfig":
+        """From a `trainer` config node, with the step count prepare_training resolved."""
+        return cls(max_steps=max_steps, log_every=tcfg.log_every, checkpoint_every=tcfg.checkpoint_every,
+                   sample_every=tcfg.sample_every, grad_clip=tcfg.grad_clip, precision=tcfg.precision)
+
 
 class Trainer:
     """Owns model, EMA, optimizer, LR schedule, data stream and loss RNG; `fit()` runs to max_steps."""
