@@ -161,6 +161,13 @@ def _coefs(schedule: Schedule, t: Tensor) -> tuple[float, float]:
     return float(schedule.alpha(t)), float(schedule.sigma(t))
 
 
+def _intervals(schedule: Schedule, grid: Tensor):
+    """(i, t, s, α_t, σ_t, α_s, σ_s) for each grid interval t → s; each time's coefficients computed once."""
+    coefs = [_coefs(schedule, t) for t in grid]
+    for i in range(len(grid) - 1):
+        yield (i, grid[i], grid[i + 1], *coefs[i], *coefs[i + 1])
+
+
 def _per_sample_norm(x: Tensor) -> Tensor:
     """‖x_b‖ over all but the batch dim, shaped [B, 1, …, 1] to broadcast against x."""
     return x.flatten(1).norm(dim=1).view(-1, *([1] * (x.ndim - 1)))
@@ -188,11 +195,7 @@ class DDPM(Sampler):
         self.variance = variance
 
     def run(self, denoiser, x, grid, noise, callback):
-        schedule = denoiser.schedule
-        for i in range(len(grid) - 1):
-            t, s = grid[i], grid[i + 1]
-            a_t, s_t = _coefs(schedule, t)
-            a_s, s_s = _coefs(schedule, s)
+        for i, t, s, a_t, s_t, a_s, s_s in _intervals(denoiser.schedule, grid):
             a_ts = a_t / a_s
             var_ts = s_t**2 - a_ts**2 * s_s**2
             eps, x0_hat = self.denoise(denoiser, x, t, a_t, s_t)
@@ -229,11 +232,7 @@ class DDIM(Sampler):
         return self.eta > 0
 
     def run(self, denoiser, x, grid, noise, callback):
-        schedule = denoiser.schedule
-        for i in range(len(grid) - 1):
-            t, s = grid[i], grid[i + 1]
-            a_t, s_t = _coefs(schedule, t)
-            a_s, s_s = _coefs(schedule, s)
+        for i, t, s, a_t, s_t, a_s, s_s in _intervals(denoiser.schedule, grid):
             eps, x0_hat = self.denoise(denoiser, x, t, a_t, s_t)
             var = self.eta**2 * s_s**2 / s_t**2 * (s_t**2 - (a_t / a_s) ** 2 * s_s**2)
             x = a_s * x0_hat + max(s_s**2 - var, 0.0) ** 0.5 * eps
@@ -316,11 +315,7 @@ class PredictorCorrector(Sampler):
         self.corrector_steps = int(corrector_steps)
 
     def run(self, denoiser, x, grid, noise, callback):
-        schedule = denoiser.schedule
-        for i in range(len(grid) - 1):
-            t, s = grid[i], grid[i + 1]
-            a_t, s_t = _coefs(schedule, t)
-            a_s, s_s = _coefs(schedule, s)
+        for i, t, s, a_t, s_t, a_s, s_s in _intervals(denoiser.schedule, grid):
             a_ts = a_t / a_s
             for _ in range(self.corrector_steps):
                 score = -self.denoise(denoiser, x, t, a_t, s_t)[0] / s_t
@@ -405,12 +400,8 @@ class DPMSolverPP(Sampler):
         super().__init__(steps, spacing, guidance_scale, **kwargs)
 
     def run(self, denoiser, x, grid, noise, callback):
-        schedule = denoiser.schedule
         prev_x0, prev_h = None, None
-        for i in range(len(grid) - 1):
-            t, s = grid[i], grid[i + 1]
-            a_t, s_t = _coefs(schedule, t)
-            a_s, s_s = _coefs(schedule, s)
+        for i, t, s, a_t, s_t, a_s, s_s in _intervals(denoiser.schedule, grid):
             x0_hat = self.denoise(denoiser, x, t, a_t, s_t)[1]
             if s_s == 0:
                 x = a_s * x0_hat
