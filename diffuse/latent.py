@@ -50,9 +50,10 @@ def vae_from_record(record: dict, device: torch.device | str = "cpu") -> VAE:
 def read_vae_checkpoint(path: str | Path) -> dict:
     """A `diffuse train-vae` checkpoint → the record to embed: path, step, config, (EMA) weights."""
     path = Path(path).expanduser()
-    state = load_checkpoint(path)
-    if "vae" not in state.get("config", {}):
-        raise DiffuseError(f"latent.vae={path} is not a VAE checkpoint: train one with `diffuse train-vae`")
+    try:
+        state = load_checkpoint(path, kind="vae")  # vetted: its config builds only our classes
+    except DiffuseError as e:
+        raise DiffuseError(f"latent.vae: {e}") from None
     weights = state["ema"]["model"] if "ema" in state else state["model"]
     return {"path": str(path.resolve()), "step": int(state["step"]), "config": state["config"]["vae"],
             "weights": weights}

@@ -67,6 +67,13 @@ def resolve_mode(mode: str, probe_timeout: float = 3.0) -> str:
     return mode
 
 
+def _step_of(line: str) -> float:
+    try:
+        return json.loads(line).get("step", -1)
+    except ValueError:  # a torn last line (a run killed mid-write): drop it
+        return float("inf")
+
+
 class Tracker:
     """Writes metrics.jsonl in run_dir and mirrors everything to W&B. On non-main ranks does nothing."""
 
@@ -130,6 +137,17 @@ class Tracker:
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
         self._wandb_call(lambda: self.wandb.log(clean, step=step))
+
+    def drop_after(self, step: int) -> None:
+        """Remove metrics.jsonl lines of steps after `step` (a resumed run logs them again), atomically."""
+        if not self.enabled or not self.metrics_path.is_file():
+            return
+        lines = self.metrics_path.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if _step_of(line) <= step]
+        if len(kept) != len(lines):
+            tmp = self.metrics_path.with_name(".metrics.jsonl.tmp")
+            tmp.write_text("".join(kept))
+            os.replace(tmp, self.metrics_path)
 
     def log_image(self, key: str, path: str | Path, step: int) -> None:
         if self.enabled:

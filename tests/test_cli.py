@@ -82,7 +82,9 @@ def test_sample_is_reproducible_whatever_the_batch_size(trained):
         proc = _ok(run_cli(["sample", f"checkpoint={ckpt}", "sampler.steps=10", "num_samples=8",
                             f"batch_size={bs}", "device=cpu"], cwd))
         outs.append(np.load(re.search(r"^samples: (.+)$", proc.stdout, re.M).group(1))["x"])
-    np.testing.assert_array_equal(outs[0], outs[1])
+    # per-sample seeds make the samples the same draws; the float results may differ in the last bits, since
+    # oneDNN picks its convolution kernels by batch size (seen: 4e-7 between batch 8 and 3 on one x86 CPU)
+    np.testing.assert_allclose(outs[0], outs[1], rtol=0, atol=1e-5)
 
 
 def test_animate_job_equals_sample_animation(trained):

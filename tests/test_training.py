@@ -13,7 +13,7 @@ from diffuse.data.loader import BatchStream
 from diffuse.data.shapes import ShapesDataset
 from diffuse.errors import DiffuseError
 from diffuse.jobs import train as train_job
-from diffuse.training.checkpoint import find_latest_checkpoint, load_checkpoint, save_checkpoint
+from diffuse.training.checkpoint import latest_run, load_checkpoint, mark_run, save_checkpoint
 from diffuse.training.ema import EMA
 from diffuse.training.loop import build_lr_scheduler
 
@@ -34,9 +34,10 @@ def test_resume_is_exact(tmp_path):
     common = ["trainer.max_steps=8", "trainer.checkpoint_every=4", "model.dropout=0.1"]
     _train(tmp_path, "straight", common)
     straight = tmp_path / "straight"
-    # what an interrupted run leaves behind: its checkpoint at step 4
+    # what an interrupted run leaves behind: its run marker and its checkpoint at step 4
     interrupted = tmp_path / "interrupted"
     (interrupted / "checkpoints").mkdir(parents=True)
+    shutil.copy(straight / "run.json", interrupted / "run.json")
     shutil.copy(straight / "checkpoints" / "step_4.ckpt", interrupted / "checkpoints" / "last.ckpt")
     cfg = compose_cfg("train", TINY + common + [f"resume={interrupted}"])
     summary = train_job.run(cfg, tmp_path / "ignored", [f"resume={interrupted}"])
@@ -75,7 +76,7 @@ def test_nan_loss_stops_cleanly_and_keeps_last_good_checkpoint(tmp_path, monkeyp
         return loss * float("nan") if calls["n"] >= 4 else loss
 
     monkeypatch.setattr(train_job.DiffusionLoss, "__call__", poisoned)
-    with pytest.raises(DiffuseError, match=r"loss became nan by step 4.*last good checkpoint kept"):
+    with pytest.raises(DiffuseError, match=r"loss became nan at step 4.*last good checkpoint kept"):
         _train(tmp_path, "run", ["trainer.max_steps=10", "trainer.checkpoint_every=2", "trainer.log_every=5"])
     last = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
     assert last["step"] == 2
@@ -112,7 +113,8 @@ def test_checkpoint_is_written_atomically(tmp_path):
     save_checkpoint({"step": 2, "w": torch.ones(3)}, path)
     assert load_checkpoint(path)["step"] == 2
     assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]  # no temp files left behind
-    assert find_latest_checkpoint(tmp_path) == path
+    mark_run(tmp_path, "diffusion")
+    assert latest_run("diffusion", [tmp_path], with_checkpoint=True) == tmp_path
 
 
 def test_ema_warmup_and_average():

@@ -8,12 +8,12 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from diffuse.building import build
 from diffuse.errors import DiffuseError
 from diffuse.tracking import Tracker
-from diffuse.training.checkpoint import find_latest_checkpoint, load_checkpoint
+from diffuse.training.checkpoint import KINDS, latest_run, load_checkpoint
 from diffuse.training.distributed import broadcast_object, cleanup, init_distributed
 
 log = logging.getLogger(__name__)
@@ -43,20 +43,6 @@ def check_dim(cfg: DictConfig) -> int:
     return dim
 
 
-def build(node: DictConfig | dict, what: str, **kwargs):
-    """hydra.utils.instantiate with a one-line error naming the config group on bad values."""
-    try:
-        return instantiate(node, **kwargs)
-    except DiffuseError:
-        raise
-    except Exception as e:  # noqa: BLE001 - Hydra wraps the constructor's error; show its root cause
-        root = e
-        while root.__cause__ is not None:
-            root = root.__cause__
-        msg = str(root).strip().splitlines()[-1] if str(root).strip() else type(root).__name__
-        raise DiffuseError(f"cannot build {what}: {msg}") from None
-
-
 def build_dataset(cfg: DictConfig, device: torch.device | None = None):
     """The configured dataset, checked against the run's `dim`. With a device, datasets that can (in-memory
     images, `shapes`) move there, so batches are drawn on the training device, not copied to it."""
@@ -84,9 +70,14 @@ def run_trainer_process(cfg: DictConfig, run_dir: Path, state: dict | None, trai
 
 
 def build_tracker(cfg: DictConfig, run_dir: Path, config_dict: dict, state: dict | None, is_main: bool):
-    """The run's Tracker from `cfg.logger`; a resumed run continues its W&B run (id kept in the checkpoint)."""
-    return Tracker(run_dir, mode=cfg.logger.mode, project=cfg.logger.project, config=config_dict,
-                   name=cfg.logger.get("name"), run_id=state.get("wandb_id") if state else None, enabled=is_main)
+    """The run's Tracker from `cfg.logger`; a resumed run continues its W&B run (id kept in the checkpoint)
+    and its metrics.jsonl, from which the lines after the checkpoint's step are dropped (logged again)."""
+    tracker = Tracker(run_dir, mode=cfg.logger.mode, project=cfg.logger.project, config=config_dict,
+                      name=cfg.logger.get("name"), run_id=state.get("wandb_id") if state else None,
+                      enabled=is_main)
+    if state is not None:
+        tracker.drop_after(int(state["step"]))
+    return tracker
 
 
 def data_shape(dataset) -> tuple[int, ...]:
@@ -94,15 +85,25 @@ def data_shape(dataset) -> tuple[int, ...]:
     return (dataset.channels, *([dataset.resolution] * dataset.dim))
 
 
-def find_checkpoint(spec: str | None, search_roots=("outputs", "multirun")) -> Path:
-    """`spec` may be a file, a run folder, or None/'auto' for the newest last.ckpt under outputs/."""
+SEARCH_ROOTS = ("outputs", "multirun")
+JOB_OF_KIND = {"diffusion": "diffuse train", "vae": "diffuse train-vae"}
+
+
+def find_checkpoint(spec: str | None, kind: str = "diffusion", for_resume: bool = False) -> Path:
+    """`spec` may be a file, a run folder, or None/'auto'. auto: the newest run of `kind` under outputs/ or
+    multirun/ — to sample, the newest that has a checkpoint; to resume, the run (re)started last, and an
+    error if it stopped before its first checkpoint (never silently an older, different run)."""
     if spec in (None, "", "auto", "latest"):
-        found = find_latest_checkpoint(*search_roots)
-        if found is None:
-            raise DiffuseError("no checkpoint found under outputs/ or multirun/: run `diffuse train` first, "
-                               "or pass checkpoint=PATH")
-        return found
-    path = Path(spec)
+        run = latest_run(kind, SEARCH_ROOTS, with_checkpoint=not for_resume)
+        if run is None:
+            raise DiffuseError(f"no run of {KINDS[kind]} found under outputs/ or multirun/: run "
+                               f"`{JOB_OF_KIND[kind]}` first, or pass a checkpoint path")
+        path = run / "checkpoints" / "last.ckpt"
+        if not path.is_file():
+            raise DiffuseError(f"the newest {JOB_OF_KIND[kind]} run, {run}, stopped before its first checkpoint: "
+                               "nothing to resume there; pass resume=PATH for another run, or start afresh")
+        return path
+    path = Path(spec).expanduser()
     if path.is_dir():
         candidate = path / "checkpoints" / "last.ckpt"
         if candidate.is_file():
@@ -125,9 +126,10 @@ class LoadedRun:
     state: dict
 
 
-def load_run(spec: str | None, device: torch.device, use_ema: bool = True) -> LoadedRun:
-    path = find_checkpoint(spec)
-    state = load_checkpoint(path)
+def load_run(spec: str | None, device: torch.device, use_ema: bool = True, allow_targets=()) -> LoadedRun:
+    """A diffusion checkpoint (vetted: see load_checkpoint) → its model with the EMA or raw weights."""
+    path = find_checkpoint(spec, "diffusion")
+    state = load_checkpoint(path, kind="diffusion", allow_targets=allow_targets)
     cfg = OmegaConf.create(state["config"])
     model = build(cfg.model, "model")
     weights = state["ema"]["model"] if use_ema and "ema" in state else state["model"]

@@ -40,7 +40,7 @@ def sampler_config(cfg: DictConfig, saved: DictConfig, overrides: list[str]) -> 
 def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> dict:
     run_dir = Path(run_dir)
     device = resolve_device(cfg.device)
-    loaded = load_run(cfg.checkpoint, device, use_ema=cfg.use_ema)
+    loaded = load_run(cfg.checkpoint, device, use_ema=cfg.use_ema, allow_targets=cfg.get("allow_targets") or ())
     saved = loaded.config
     sampler = unclipped_in_latent_space(build(sampler_config(cfg, saved, overrides or []), "sampler"),
                                         is_latent_run(saved))

@@ -15,7 +15,7 @@ from diffuse.errors import DiffuseError
 from diffuse.jobs.common import (build, build_dataset, build_tracker, data_shape, find_checkpoint,
                                  run_trainer_process)
 from diffuse.latent import LatentDataset, unclipped_in_latent_space, use_latent_space
-from diffuse.training.checkpoint import load_checkpoint
+from diffuse.training.checkpoint import load_checkpoint, run_folder_of
 from diffuse.training.loop import Trainer, TrainerConfig, prepare_training
 
 log = logging.getLogger(__name__)
@@ -40,16 +40,22 @@ def merge_resume_config(saved: dict, cfg: DictConfig, overrides: list[str]) -> D
     return merged
 
 
-def resolve_resume(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> tuple[DictConfig, Path, dict | None]:
-    """resume: null (fresh run) | auto (newest run under outputs/) | PATH (checkpoint file or run folder)."""
+def resolve_resume(cfg: DictConfig, run_dir: Path, overrides: list[str],
+                   kind: str = "diffusion") -> tuple[DictConfig, Path, dict | None]:
+    """resume: null (fresh run) | auto (the run of `kind` under outputs/ (re)started last) | PATH (checkpoint
+    file or run folder). A checkpoint inside a run folder continues there; any other file (a copy in ~/)
+    starts a new run folder from its state instead of writing next to it."""
     if not cfg.get("resume"):
         return cfg, run_dir, None
-    path = find_checkpoint(None if cfg.resume in ("auto", True) else str(cfg.resume))
-    state = load_checkpoint(path)
+    path = find_checkpoint(None if cfg.resume in ("auto", True) else str(cfg.resume), kind, for_resume=True)
+    state = load_checkpoint(path, kind=kind, allow_targets=cfg.get("allow_targets") or ())
     merged = merge_resume_config(state["config"], cfg, overrides)
     merged.resume = str(path)
+    folder = run_folder_of(path)
+    if folder is None:
+        log.info("%s is not inside a run folder: continuing its run in %s", path, run_dir)
     log.info("resuming %s from step %d", path, state["step"])
-    return merged, path.parent.parent, state
+    return merged, folder or run_dir, state
 
 
 def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> dict:
@@ -109,11 +115,11 @@ def _train(cfg, run_dir, state, device, dist) -> dict:
             tracker.log_video("denoising", anim, step, fps=fps)
             log.info("animation → %s", anim)
 
+    extra_state = {"wandb_id": tracker.run_id or "", "class_names": class_names,
+                   **(latent.checkpoint_state() if latent else {})}
     trainer = Trainer(train_model, loss_fn, schedule, data, optimizer, lr_scheduler, ema,
                       TrainerConfig.from_config(tcfg, max_steps), run_dir, tracker, dist, device, cfg.seed, config_dict,
-                      on_sample=on_sample if tcfg.sample_every else None)
-    trainer.extra_state = {"wandb_id": tracker.run_id or "", "class_names": class_names,
-                           **(latent.checkpoint_state() if latent else {})}
+                      on_sample=on_sample if tcfg.sample_every else None, kind="diffusion", extra_state=extra_state)
     if state is not None:
         trainer.load_state_dict(state)
     if dist.is_main:

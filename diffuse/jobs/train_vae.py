@@ -50,9 +50,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> d
             if key.split(".")[0] in VAE_RUN_DEFINING:
                 raise DiffuseError(f"cannot change {key!r} when resuming: the run keeps its {key.split('.')[0]}; "
                                    "start a new run instead")
-    cfg, run_dir, state = resolve_resume(cfg, Path(run_dir), overrides)
-    if state is not None and "vae" not in state["config"]:
-        raise DiffuseError(f"{cfg.resume} is a diffusion checkpoint, not a VAE one: resume it with `diffuse train`")
+    cfg, run_dir, state = resolve_resume(cfg, Path(run_dir), overrides, kind="vae")
     return run_trainer_process(cfg, run_dir, state, _train_vae)
 
 
@@ -119,8 +117,8 @@ def _train_vae(cfg, run_dir, state, device, dist) -> dict:
 
     trainer = Trainer(train_model, loss_fn, None, data, optimizer, lr_scheduler, ema,
                       TrainerConfig.from_config(tcfg, max_steps), run_dir, _TrackerWithLossParts(tracker, loss_fn), dist, device, cfg.seed, config_dict,
-                      on_sample=on_sample if tcfg.sample_every else None)
-    trainer.extra_state = {"wandb_id": tracker.run_id or ""}
+                      on_sample=on_sample if tcfg.sample_every else None, kind="vae",
+                      extra_state={"wandb_id": tracker.run_id or ""})
     if state is not None:
         trainer.load_state_dict(state)
     if dist.is_main:

@@ -61,3 +61,12 @@ def broadcast_object(obj, info: DistInfo):
 def cleanup(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def all_gather_object(obj, info: DistInfo) -> list:
+    """[rank 0's obj, rank 1's, …] on every rank; [obj] without a process group."""
+    if not info.enabled:
+        return [obj]
+    out = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out

@@ -21,8 +21,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from diffuse.errors import DiffuseError
-from diffuse.training.checkpoint import rng_state, save_checkpoint, set_rng_state
-from diffuse.training.distributed import DistInfo, barrier
+from diffuse.training.checkpoint import (mark_run, non_finite, prune_checkpoints, rng_state, save_checkpoint,
+                                         set_rng_state)
+from diffuse.training.distributed import DistInfo, all_gather_object, barrier
 from diffuse.training.ema import EMA
 
 log = logging.getLogger(__name__)
@@ -100,44 +101,78 @@ class TrainerConfig:
     sample_every: int = 1000
     grad_clip: float | None = 1.0
     precision: str = "fp32"
+    keep_checkpoints: int | None = 3
+    max_nonfinite_steps: int = 20
 
     @classmethod
     def from_config(cls, tcfg, max_steps: int) -> "TrainerConfig":
         """From a `trainer` config node, with the step count prepare_training resolved."""
         return cls(max_steps=max_steps, log_every=tcfg.log_every, checkpoint_every=tcfg.checkpoint_every,
-                   sample_every=tcfg.sample_every, grad_clip=tcfg.grad_clip, precision=tcfg.precision)
+                   sample_every=tcfg.sample_every, grad_clip=tcfg.grad_clip, precision=tcfg.precision,
+                   keep_checkpoints=tcfg.get("keep_checkpoints", 3),
+                   max_nonfinite_steps=tcfg.get("max_nonfinite_steps", 20))
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module under DDP (`.module`) and torch.compile (`._orig_mod`) wrappers: its state dict has
+    no `module.`/`_orig_mod.` prefixes, so checkpoints load whether or not the next run compiles."""
+    while True:
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+# Optimizer settings taken from the config on resume (the moments come from the checkpoint).
+HYPERPARAMETERS = ("lr", "initial_lr", "max_lr", "min_lr", "weight_decay", "betas")
 
 
 class Trainer:
-    """Owns model, EMA, optimizer, LR schedule, data stream and loss RNG; `fit()` runs to max_steps."""
+    """Owns model, EMA, optimizer, LR schedule, data stream and loss RNG; `fit()` runs to max_steps.
+
+    kind: what the checkpoints hold ("diffusion" | "vae"); extra_state: more entries for every checkpoint."""
 
     def __init__(self, model: nn.Module, loss_fn: Callable, schedule, data, optimizer, lr_scheduler,
                  ema: EMA, cfg: TrainerConfig, run_dir: Path, tracker, dist: DistInfo,
                  device: torch.device, seed: int, config_dict: dict,
-                 on_sample: Callable[[int, nn.Module], None] | None = None):
+                 on_sample: Callable[[int, nn.Module], None] | None = None, kind: str = "diffusion",
+                 extra_state: dict | None = None):
         if cfg.precision not in PRECISIONS:
             raise DiffuseError(f"trainer.precision must be one of {', '.join(PRECISIONS)}; got {cfg.precision!r}")
         self.model, self.loss_fn, self.schedule, self.data = model, loss_fn, schedule, data
         self.optimizer, self.lr_scheduler, self.ema, self.cfg = optimizer, lr_scheduler, ema, cfg
         self.run_dir, self.tracker, self.dist, self.device = Path(run_dir), tracker, dist, device
-        self.config_dict, self.on_sample = config_dict, on_sample
+        self.config_dict, self.on_sample, self.kind = config_dict, on_sample, kind
+        self.extra_state = dict(extra_state or {})
         self.step = 0
+        self.skipped_steps = 0  # optimizer steps skipped for a non-finite gradient, in all
+        self.seed = seed
         self.loss_generator = torch.Generator(device=device).manual_seed(seed * 7919 + dist.rank)
         self.autocast_dtype = PRECISIONS[cfg.precision]
-        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16" and device.type == "cuda")
-        self.extra_state: dict = {}
+        # fp16 needs loss scaling on every device (its range underflows small gradients), bf16 does not
+        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+        # the configured optimizer settings, to win over the checkpoint's on resume
+        self.configured_groups = [{k: g[k] for k in HYPERPARAMETERS if k in g} for g in optimizer.param_groups]
 
     @property
     def raw_model(self) -> nn.Module:
-        return self.model.module if hasattr(self.model, "module") else self.model
+        return unwrap(self.model)
 
     @property
     def checkpoint_path(self) -> Path:
         return self.run_dir / "checkpoints" / "last.ckpt"
 
     # ----- state -------------------------------------------------------------------------------
+    def _rng_states(self) -> list[dict]:
+        """Every rank's RNG states, in rank order (each rank draws its own t, ε and label drops)."""
+        return all_gather_object(rng_state(self.loss_generator), self.dist)
+
     def state_dict(self) -> dict:
+        """The whole training state. Collective under DDP (gathers every rank's RNG states)."""
         return {
+            "kind": self.kind,
             "step": self.step,
             "config": self.config_dict,
             "model": self.raw_model.state_dict(),
@@ -145,7 +180,9 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "rng": {**rng_state(), "loss": self.loss_generator.get_state()},
+            "rng": self._rng_states(),
+            "world_size": self.dist.world_size,
+            "skipped_steps": self.skipped_steps,
             "data": self.data.state_dict(),
             **self.extra_state,
         }
@@ -154,33 +191,76 @@ class Trainer:
         self.raw_model.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
-        sched_state = state["lr_scheduler"]
-        if isinstance(self.lr_scheduler, torch.optim.lr_scheduler.OneCycleLR) \
-                and sched_state["total_steps"] != self.lr_scheduler.total_steps:
-            # resumed with a new trainer.max_steps: continue on the new cycle instead of failing at the old end
-            self.lr_scheduler.last_epoch = int(sched_state["last_epoch"])
-            self.lr_scheduler._step_count = int(sched_state["_step_count"])
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                for group, lr in zip(self.optimizer.param_groups, self.lr_scheduler.get_lr()):
-                    group["lr"] = lr
-        else:
-            self.lr_scheduler.load_state_dict(sched_state)
-        if state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
-        self.loss_generator.set_state(state["rng"]["loss"])
-        self.data.load_state_dict(state["data"])
         self.step = int(state["step"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self._apply_configured_optimizer_settings(state)
+        if state.get("scaler") and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["scaler"])
+        self._load_rng(state)
+        self.data.load_state_dict(state["data"])
 
-    def save(self) -> Path | None:
-        """Rank 0 writes checkpoints/step_N.ckpt and updates last.ckpt (both atomic)."""
+    def _apply_configured_optimizer_settings(self, state: dict) -> None:
+        """The checkpoint brings Adam's moments and the step; lr, weight_decay, betas and the LR schedule
+        (its kind, length, warm-up) are this run's config. The schedule is placed at the saved step: both
+        kinds compute the LR in closed form from the step, so an unchanged config continues exactly."""
+        changed = set()
+        for group, configured in zip(self.optimizer.param_groups, self.configured_groups):
+            for key in set(HYPERPARAMETERS) - set(configured):  # a schedule of another kind left them
+                group.pop(key, None)
+            for key, value in configured.items():
+                old = group.get(key)
+                if key not in ("lr", "min_lr") and old is not None and _as_tuple(old) != _as_tuple(value):
+                    changed.add(f"{'lr' if key in ('initial_lr', 'max_lr') else key} {old} → {value}")
+                group[key] = value
+        sched = self.lr_scheduler
+        sched.last_epoch = int(state["step"])
+        sched._step_count = sched.last_epoch + 1
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # get_lr() outside step() warns; it is the closed form here
+            lrs = sched.get_lr()
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        sched._last_lr = list(lrs)
+        if changed and self.dist.is_main:
+            log.info("resumed with this run's optimizer settings: %s", ", ".join(sorted(changed)))
+
+    def _load_rng(self, state: dict) -> None:
+        saved = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]  # older: rank 0's only
+        saved_world = int(state.get("world_size", len(saved)))
+        if saved_world != self.dist.world_size or len(saved) != self.dist.world_size:
+            if self.dist.is_main:
+                log.warning("resuming a %d-process run with %d processes: it continues, but the exact "
+                            "continuation needs the same number of processes", saved_world, self.dist.world_size)
+            torch.manual_seed(self.seed + self.dist.rank + 1_000_003 * self.step)
+            self.loss_generator.manual_seed(self.seed * 7919 + self.dist.rank + 1_000_003 * self.step)
+            return
+        if not set_rng_state(saved[self.dist.rank], self.loss_generator) and self.dist.is_main:
+            log.warning("resuming a %s run on %s: the random streams are re-seeded (exact only on the same "
+                        "device type)", saved[self.dist.rank].get("loss_device", "?"), self.device.type)
+
+    def save(self) -> Path:
+        """Rank 0 writes checkpoints/step_N.ckpt and updates last.ckpt (both atomic), then keeps the newest
+        `keep_checkpoints` step files. Weights or moments holding NaN/inf are never written (every rank checks
+        its own copy: DDP keeps them equal, so they agree). Parameters, not buffers: a buffer may hold NaN on
+        purpose (a VAE's scale factor before it is fitted)."""
+        moments = [v for per_param in self.optimizer.state.values() for v in per_param.values()
+                   if isinstance(v, torch.Tensor)]
+        bad = non_finite({"model": self.raw_model.parameters(), "EMA": self.ema.model.parameters(),
+                          "optimizer": moments})
+        if bad:
+            raise DiffuseError(f"the {' and '.join(bad)} state holds NaN/inf at step {self.step}: not written; "
+                               f"last good checkpoint kept: {self._kept()}")
+        state = self.state_dict()
         if self.dist.is_main:
-            state = self.state_dict()
-            save_checkpoint(state, self.run_dir / "checkpoints" / f"step_{self.step}.ckpt")
+            folder = self.checkpoint_path.parent
+            save_checkpoint(state, folder / f"step_{self.step}.ckpt")
             save_checkpoint(state, self.checkpoint_path)
+            prune_checkpoints(folder, self.cfg.keep_checkpoints)
         barrier(self.dist)
         return self.checkpoint_path
+
+    def _kept(self) -> str:
+        return str(self.checkpoint_path) if self.checkpoint_path.exists() else "none written yet"
 
     # ----- loop --------------------------------------------------------------------------------
     def _autocast(self):
@@ -191,41 +271,61 @@ class Trainer:
     def _check_finite(self, loss_sum: torch.Tensor) -> None:
         value = float(loss_sum)
         if not math.isfinite(value):
-            kept = self.checkpoint_path if self.checkpoint_path.exists() else "none written yet"
             raise DiffuseError(f"loss became {value} by step {self.step}: training stopped; last good "
-                               f"checkpoint kept: {kept}")
+                               f"checkpoint kept: {self._kept()}")
 
-    def train_step(self, x0, y) -> tuple[torch.Tensor, torch.Tensor]:
+    def train_step(self, x0, y) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """One optimizer step. Returns (loss, grad norm, taken). A non-finite gradient norm (a NaN or inf
+        loss, or a finite loss whose backward overflowed) skips the update, LR step and EMA, as a GradScaler
+        does: DDP has all-reduced the gradients, so every rank sees the same norm and skips alike."""
         self.model.train()
         with self._autocast():
             loss = self.loss_fn(self.model, self.schedule, x0, y, self.loss_generator)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
-        max_norm = self.cfg.grad_clip if self.cfg.grad_clip else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), float("inf"))
+        if not bool(torch.isfinite(grad_norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.update()  # fp16: a smaller loss scale next time
+            return loss.detach(), grad_norm.detach(), False
+        if self.cfg.grad_clip:
+            torch.nn.utils.clip_grads_with_norm_(self.model.parameters(), self.cfg.grad_clip, grad_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.lr_scheduler.step()
         self.ema.update(self.raw_model)
         self.step += 1
-        return loss.detach(), grad_norm.detach()
+        return loss.detach(), grad_norm.detach(), True
 
     def fit(self) -> dict:
         cfg = self.cfg
+        if self.dist.is_main:
+            mark_run(self.run_dir, self.kind)
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not self.dist.is_main, desc="train",
                    dynamic_ncols=True)
         loss_sum = torch.zeros((), device=self.device)
         grad_sum = torch.zeros((), device=self.device)
-        count, images, t0 = 0, 0, time.perf_counter()
+        count, images, t0, skipped_in_row = 0, 0, time.perf_counter(), 0
         last_loss = float("nan")
         while self.step < cfg.max_steps:
             x0, y = next(self.data)
-            loss, grad_norm = self.train_step(x0, y)
+            loss, grad_norm, taken = self.train_step(x0, y)
+            images += x0.shape[0] * self.dist.world_size
+            if not taken:
+                self.skipped_steps += 1
+                skipped_in_row += 1
+                if skipped_in_row >= cfg.max_nonfinite_steps:
+                    what = (f"loss became {float(loss)}" if not math.isfinite(float(loss))
+                            else f"gradient became {float(grad_norm)} (loss {float(loss):.4g})")
+                    raise DiffuseError(f"{what} at step {self.step + 1}, {skipped_in_row} steps in a row "
+                                       f"(trainer.max_nonfinite_steps): training stopped; last good checkpoint "
+                                       f"kept: {self._kept()}")
+                continue
+            skipped_in_row = 0
             loss_sum += loss
             grad_sum += grad_norm
             count += 1
-            images += x0.shape[0] * self.dist.world_size
             bar.update(1)
             at_end = self.step == cfg.max_steps
             if self.step % cfg.log_every == 0 or at_end:
@@ -234,7 +334,7 @@ class Trainer:
                 last_loss = float(loss_sum) / count
                 metrics = {"loss": last_loss, "grad_norm": float(grad_sum) / count,
                            "lr": self.optimizer.param_groups[0]["lr"], "images_per_s": images / dt,
-                           "epoch": self.data.epoch}
+                           "epoch": self.data.epoch, "skipped_steps": self.skipped_steps}
                 self.tracker.log(metrics, self.step)
                 bar.set_postfix(loss=f"{last_loss:.4f}")
                 loss_sum.zero_(), grad_sum.zero_()
@@ -247,4 +347,9 @@ class Trainer:
                     self.on_sample(self.step, self.ema.model)
                 barrier(self.dist)
         bar.close()
-        return {"step": self.step, "loss": last_loss, "checkpoint": str(self.checkpoint_path)}
+        return {"step": self.step, "loss": last_loss, "checkpoint": str(self.checkpoint_path),
+                "skipped_steps": self.skipped_steps}
+
+
+def _as_tuple(value) -> tuple:
+    return tuple(value) if isinstance(value, (list, tuple)) else (value,)
