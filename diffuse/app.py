@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from diffuse.errors import DiffuseError
 from diffuse.jobs.common import SEARCH_ROOTS
 from diffuse.training.checkpoint import latest_run, run_folder_of, run_kind
+from diffuse.validation import validate
 
 log = logging.getLogger("diffuse")
 
@@ -62,6 +63,7 @@ def launch(config_name: str, overrides: list[str]) -> None:
         hc = HydraConfig.get()
         job = importlib.import_module(f"diffuse.jobs.{config_name}")
         try:
+            validate(cfg, config_name)
             return job.run(cfg, Path(hc.runtime.output_dir), list(hc.overrides.task))
         except DiffuseError as e:
             print(f"diffuse {config_name}: error: {e}", file=sys.stderr)

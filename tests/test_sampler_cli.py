@@ -44,4 +44,4 @@ def test_train_vesde_then_sample_with_every_sampler(tmp_path):
     assert np.isfinite(np.load(path)["x"]).all()
 
     bad = run_cli(["sample", f"checkpoint={ckpts[0]}", "sampler=ddim", "sampler.eta=2", "device=cpu"], tmp_path)
-    assert bad.returncode == 1 and "eta must be in [0, 1]" in bad.stderr
+    assert bad.returncode == 1 and "sampler.eta must be a number in [0, 1]; got 2" in bad.stderr

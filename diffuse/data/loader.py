@@ -11,13 +11,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from diffuse.errors import DiffuseError
+
 
 class BatchStream:
     def __init__(self, dataset, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
                  device: torch.device | str = "cpu"):
         per_rank = len(dataset) // world_size
         if per_rank < batch_size:
-            raise ValueError(f"dataset has {len(dataset)} items: fewer than batch_size={batch_size} per process")
+            procs = f" × {world_size} processes" if world_size > 1 else ""
+            raise DiffuseError(f"trainer.batch_size={batch_size}{procs} is more than the dataset's {len(dataset)} "
+                               "items: use a smaller batch")
         self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
         self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
         self.batches_per_epoch = per_rank // batch_size

@@ -20,6 +20,7 @@ from diffuse.errors import DiffuseError
 from diffuse.jobs.common import build, load_run, resolve_device
 from diffuse.latent import is_latent_run, latent_decoder, unclipped_in_latent_space
 from diffuse.training.loop import PRECISIONS
+from diffuse.validation import check_guidance
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,8 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> d
     sampler = unclipped_in_latent_space(build(sampler_config(cfg, saved, overrides or []), "sampler"),
                                         is_latent_run(saved))
     model = loaded.model
+    check_guidance(sampler.guidance_scale, bool(saved.get("conditional")),
+                   float(saved.get("trainer", {}).get("cond_drop_prob") or 0), f"the run {loaded.path}")
     num_classes = int(getattr(model, "num_classes", 0) or 0)
     if cfg.get("class_label") is not None:
         if not 0 <= int(cfg.class_label) < max(num_classes, 1) or not num_classes:

@@ -17,6 +17,7 @@ from diffuse.jobs.common import (build, build_dataset, build_tracker, data_shape
 from diffuse.latent import LatentDataset, unclipped_in_latent_space, use_latent_space
 from diffuse.training.checkpoint import load_checkpoint, run_folder_of
 from diffuse.training.loop import Trainer, TrainerConfig, prepare_training
+from diffuse.validation import check_model_fits_data, validate
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ def resolve_resume(cfg: DictConfig, run_dir: Path, overrides: list[str],
 
 def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> dict:
     cfg, run_dir, state = resolve_resume(cfg, Path(run_dir), overrides or [])
+    validate(cfg, "train")  # the resumed run's merged config; app.py checked the composed one
     return run_trainer_process(cfg, run_dir, state, _train)
 
 
@@ -67,9 +69,13 @@ def _train(cfg, run_dir, state, device, dist) -> dict:
     tcfg = cfg.trainer
 
     use_latent_space(cfg)  # latent.vae=PATH: cfg.dataset becomes that VAE's latents of the data
+    model = build(cfg.model, "model")
+    shape = (int(cfg.dataset.channels), *[int(cfg.dataset.resolution)] * int(cfg.dim))
+    check_model_fits_data(model, shape, int(getattr(model, "num_classes", 0) or 0),
+                          f"data of shape {shape} (dataset.channels, dataset.resolution)")
+    model.to(device)
     dataset = build_dataset(cfg, device)
     latent = dataset if isinstance(dataset, LatentDataset) else None
-    model = build(cfg.model, "model").to(device)
     schedule = build(cfg.schedule, "schedule")
     null_class = getattr(model, "null_class", None)
     loss_fn = DiffusionLoss(prediction=cfg.objective.prediction, weighting=cfg.objective.weighting,

@@ -1,0 +1,237 @@
+"""The composed config, checked before any work starts: one line per bad value, naming the key, the value
+and what is allowed.
+
+Rules are a table per job (top-level keys) plus one per component group (model, dataset, schedule,
+sampler, vae), applied to whichever of their keys the chosen component has, so `sampler.eta` is checked for
+DDIM and `model.channel_mult` for the UNet without a schema per class. Component constructors still check
+what only they can (a ShuffleNet is 2-D only); `check_model_fits_data` then runs the built model once on
+a zero batch of the data's shape, which catches every resolution a model cannot downsample.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from diffuse.errors import DiffuseError
+
+SPACINGS = ("auto", "linspace", "leading", "trailing", "karras", "logsnr")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """kind: int | float | bool | choice | pair | ints; lo/hi bounds (inclusive unless open_lo/open_hi)."""
+
+    kind: str
+    lo: float | None = None
+    hi: float | None = None
+    open_lo: bool = False
+    open_hi: bool = False
+    choices: tuple = ()
+    nullable: bool = False
+
+    def allowed(self) -> str:
+        if self.kind == "bool":
+            text = "true or false"
+        elif self.kind == "choice" and all(isinstance(c, int) for c in self.choices):
+            text = ", ".join(map(str, self.choices[:-1])) + f" or {self.choices[-1]}"  # "1, 2 or 3"
+        elif self.kind == "choice":
+            text = "one of " + ", ".join(_show(c) for c in self.choices)
+        else:
+            noun = {"int": "an integer", "float": "a number", "pair": "two numbers [a, b] with a < b",
+                    "ints": "a non-empty list of integers"}[self.kind]
+            if self.lo is not None and self.hi is not None:
+                bounds = [f"in {'(' if self.open_lo else '['}{_fmt(self.lo)}, {_fmt(self.hi)}{')' if self.open_hi else ']'}"]
+            elif self.lo is not None:
+                bounds = [f"{'>' if self.open_lo else '≥'} {_fmt(self.lo)}"]
+            elif self.hi is not None:
+                bounds = [f"{'<' if self.open_hi else '≤'} {_fmt(self.hi)}"]
+            else:
+                bounds = []
+            sep = ", each " if self.kind in ("pair", "ints") else " "
+            text = noun + (sep + bounds[0] if bounds else "")
+        return text + (", or null" if self.nullable else "")
+
+    def _in_range(self, v: float) -> bool:
+        if isinstance(v, float) and math.isnan(v):
+            return False
+        if self.lo is not None and (v < self.lo or (self.open_lo and v == self.lo)):
+            return False
+        return not (self.hi is not None and (v > self.hi or (self.open_hi and v == self.hi)))
+
+    def ok(self, v) -> bool:
+        if v is None:
+            return self.nullable
+        if self.kind == "bool":
+            return isinstance(v, bool)
+        if self.kind == "choice":
+            return any(v == c and type(v) is type(c) for c in self.choices)
+        if self.kind == "int":
+            return isinstance(v, int) and not isinstance(v, bool) and self._in_range(v)
+        if self.kind == "float":
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and self._in_range(float(v))
+        if self.kind in ("pair", "ints"):
+            if not isinstance(v, (list, tuple, ListConfig)) or not len(v):
+                return False
+            want = int if self.kind == "ints" else (int, float)
+            if not all(isinstance(x, want) and not isinstance(x, bool) and self._in_range(x) for x in v):
+                return False
+            return self.kind == "ints" or (len(v) == 2 and v[0] < v[1])
+        raise ValueError(self.kind)
+
+
+def _fmt(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+def Int(lo=None, hi=None, nullable=False):  # noqa: N802 - reads as a type in the tables below
+    return Rule("int", lo, hi, nullable=nullable)
+
+
+def Float(lo=None, hi=None, open_lo=False, open_hi=False, nullable=False):  # noqa: N802
+    return Rule("float", lo, hi, open_lo, open_hi, nullable=nullable)
+
+
+def Choice(*choices, nullable=False):  # noqa: N802
+    return Rule("choice", choices=choices, nullable=nullable)
+
+
+BOOL = Rule("bool")
+POSITIVE = Float(0, open_lo=True)
+PROBABILITY = Float(0, 1)
+
+PRECISION = Choice("fp32", "bf16", "fp16")
+COMMON = {"seed": Int(), "device": None}  # device: checked by resolve_device (cuda:N etc.)
+
+TRAINER = {
+    "max_steps": Int(1, nullable=True), "epochs": Int(1, nullable=True), "batch_size": Int(1),
+    "lr": POSITIVE, "lr_schedule": Choice("onecycle", "cosine", "constant"), "warmup_steps": Int(0),
+    "pct_start": Float(0, 1, open_lo=True, open_hi=True), "min_lr_ratio": PROBABILITY,
+    "weight_decay": Float(0), "betas": Rule("pair", 0, 1, open_hi=True), "ema_decay": Float(0, 1, open_hi=True),
+    "ema_warmup": BOOL, "grad_clip": Float(0, open_lo=True, nullable=True), "precision": PRECISION,
+    "compile": BOOL, "channels_last": Choice("auto", True, False), "cond_drop_prob": Float(0, 1, open_hi=True),
+    "log_every": Int(1), "checkpoint_every": Int(1), "keep_checkpoints": Int(0, nullable=True),
+    "max_nonfinite_steps": Int(1), "sample_every": Int(0), "sample_steps": Int(1, nullable=True),
+    "num_sample_images": Int(1), "final_animation": BOOL,
+}
+SAMPLER = {
+    "steps": Int(1), "spacing": Choice(*SPACINGS), "guidance_scale": Float(0), "clip_x0": BOOL,
+    "clip_range": Rule("pair"), "eta": PROBABILITY, "variance": Choice("beta", "posterior"),
+    "t_end": Float(0, 1, open_lo=True, open_hi=True, nullable=True), "snr": POSITIVE,
+    "corrector_steps": Int(0), "s_churn": Float(0), "s_tmin": Float(0), "s_tmax": Float(0), "s_noise": POSITIVE,
+}
+SCHEDULE = {
+    "num_timesteps": Int(2), "beta_start": Float(0, 1, open_lo=True, open_hi=True),
+    "beta_end": Float(0, 1, open_lo=True, open_hi=True), "s": Float(0), "max_beta": Float(0, 1, open_lo=True),
+    "sigma": Float(1, open_lo=True), "eps": Float(0, 1, open_lo=True, open_hi=True),
+}
+DATASET = {
+    "dim": Choice(1, 2, 3), "resolution": Int(2), "channels": Int(1), "num_classes": Int(0, nullable=True),
+    "size": Int(1), "download": BOOL, "hflip": Rule("bool", nullable=True), "num_workers": Int(0, nullable=True),
+}
+MODEL = {
+    "dim": Choice(1, 2, 3), "in_channels": Int(1), "base_channels": Int(1), "channel_mult": Rule("ints", 1),
+    "num_res_blocks": Int(1), "attn_levels": Rule("ints", 0), "attn_heads": Int(1), "time_emb_dim": Int(2),
+    "num_classes": Int(0), "dropout": Float(0, 1, open_hi=True), "mid_depth": Int(0), "mlp_ratio": POSITIVE,
+    "units": Int(1), "channels": Rule("ints", 1), "embed_dim": Int(2), "context_dim": Int(1), "heads": Int(1),
+    "fourier_scale": POSITIVE, "norm": Choice("group", "batch"),
+}
+VAE = {
+    "dim": Choice(1, 2, 3), "in_channels": Int(1), "channels": Int(1), "channel_mult": Rule("ints", 1),
+    "num_res_blocks": Int(1), "latent_channels": Int(1), "scale_factor": None,  # a number or auto
+}
+GROUPS = {"trainer": TRAINER, "sampler": SAMPLER, "schedule": SCHEDULE, "dataset": DATASET, "model": MODEL,
+          "vae": VAE}
+
+JOBS = {
+    "train": {**COMMON, "dim": Choice(1, 2, 3), "conditional": BOOL, "objective.prediction": Choice("eps", "x0", "v"),
+              "objective.weighting": Choice("none", "min_snr"), "objective.min_snr_gamma": POSITIVE,
+              "latent.cache": BOOL, "latent.sample": BOOL,
+              "logger.mode": Choice("auto", "online", "offline", "disabled")},
+    "train_vae": {**COMMON, "dim": Choice(1, 2, 3), "loss.reconstruction": Choice("l1", "l2"),
+                  "loss.kl_weight": Float(0), "scale_batches": Int(1), "evaluate.max_items": Int(1, nullable=True),
+                  "logger.mode": Choice("auto", "online", "offline", "disabled")},
+    "sample": {**COMMON, "num_samples": Int(1), "class_label": Int(0, nullable=True), "batch_size": Int(1),
+               "precision": PRECISION, "use_ema": BOOL, "view": Choice("slices", "mip"),
+               "animation.enabled": BOOL, "animation.frames": Int(2), "animation.fps": Int(1),
+               "animation.format": Choice("gif", "mp4"), "animation.hold": Float(0), "animation.strip_steps": Int(1)},
+    "evaluate": {**COMMON, "num_samples": Int(2), "batch_size": Int(1), "precision": PRECISION, "use_ema": BOOL,
+                 "save_samples": BOOL},
+}
+
+
+def _plain(v):
+    return OmegaConf.to_container(v, resolve=True) if isinstance(v, (DictConfig, ListConfig)) else v
+
+
+def _check(key: str, value, rule: Rule | None) -> None:
+    if rule is not None and not rule.ok(_plain(value)):
+        raise DiffuseError(f"{key} must be {rule.allowed()}; got {_show(value)}")
+
+
+def _show(value) -> str:
+    value = _plain(value)
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def validate(cfg: DictConfig, job: str) -> None:
+    """Check every value of a composed `job` config (train, train_vae, sample, evaluate) against its rule."""
+    for key, rule in JOBS.get(job, {}).items():
+        value = OmegaConf.select(cfg, key, default="__missing__")
+        if value != "__missing__":
+            _check(key, value, rule)
+    for group, rules in GROUPS.items():
+        node = cfg.get(group)
+        if not isinstance(node, DictConfig):
+            continue
+        for key, rule in rules.items():
+            if key in node:
+                _check(f"{group}.{key}", node[key], rule)
+    _check_combinations(cfg, job)
+
+
+def _check_combinations(cfg: DictConfig, job: str) -> None:
+    trainer, sampler = cfg.get("trainer"), cfg.get("sampler")
+    if trainer is not None and trainer.get("max_steps") is None and trainer.get("epochs") is None:
+        raise DiffuseError("trainer.max_steps and trainer.epochs are both null: set one to a positive number")
+    schedule = cfg.get("schedule")
+    if schedule is not None and "beta_start" in schedule and schedule.beta_start >= schedule.beta_end:
+        raise DiffuseError(f"schedule.beta_start={schedule.beta_start} must be below "
+                           f"schedule.beta_end={schedule.beta_end}")
+    if job == "train" and sampler is not None and trainer is not None:
+        check_guidance(float(sampler.get("guidance_scale") or 0), bool(cfg.get("conditional")),
+                       float(trainer.get("cond_drop_prob") or 0), "this run")
+
+
+def check_guidance(scale: float, conditional: bool, cond_drop_prob: float, run: str) -> None:
+    """Classifier-free guidance mixes the conditional prediction with the null class's, which a model only
+    learns when labels were dropped in training (cond_drop_prob > 0): refuse it on a model that never did."""
+    if scale in (0.0, 1.0):
+        return
+    if not conditional:
+        raise DiffuseError(f"sampler.guidance_scale={scale} needs a class-conditional model; {run} is "
+                           "unconditional (conditional=false): use guidance_scale=0")
+    if cond_drop_prob <= 0:
+        raise DiffuseError(f"sampler.guidance_scale={scale} needs a model trained with trainer.cond_drop_prob > 0: "
+                           f"{run} used 0, so its null class never learned anything and guidance would sample "
+                           "garbage; use guidance_scale=0 (or retrain with cond_drop_prob=0.1)")
+
+
+def check_model_fits_data(model: torch.nn.Module, shape: Sequence[int], num_classes: int, what: str) -> None:
+    """Run the model once on a zero batch of one item [1, *shape] (on the CPU, before training moves it)
+    so that a resolution it cannot downsample, or too few channels, is one line now, not a traceback later."""
+    x = torch.zeros(1, *shape)
+    y = torch.zeros(1, dtype=torch.long) if num_classes else None
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(x, torch.full((1,), 0.5), y)
+    except (ValueError, RuntimeError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DiffuseError(f"{what} does not fit model {type(model).__name__}: {msg}") from None
+    finally:
+        model.train(was_training)
