@@ -15,6 +15,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from diffuse.data.folder import RESOLVER as FOLDER_CLASSES
+from diffuse.data.folder import count_classes
 from diffuse.errors import DiffuseError
 from diffuse.jobs.common import SEARCH_ROOTS
 from diffuse.training.checkpoint import latest_run, run_folder_of, run_kind
@@ -46,6 +48,9 @@ def _register_resolvers() -> None:
     if not OmegaConf.has_resolver("if"):
         # ${if:cond,a,b}: lets `conditional: false` turn a model's num_classes to 0 in YAML
         OmegaConf.register_new_resolver("if", lambda cond, a, b: a if cond else b)
+    if not OmegaConf.has_resolver(FOLDER_CLASSES):
+        # ${folder_classes:path,extensions}: dataset=folder counts its class sub-folders at compose time
+        OmegaConf.register_new_resolver(FOLDER_CLASSES, count_classes)
     if not OmegaConf.has_resolver("diffuse_run_dir"):
         # hydra.run.dir of train / train-vae: a resumed run's own folder, else the new default folder
         OmegaConf.register_new_resolver(

@@ -132,6 +132,7 @@ SCHEDULE = {
 DATASET = {
     "dim": Choice(1, 2, 3), "resolution": Int(2), "channels": Int(1), "num_classes": Int(0, nullable=True),
     "size": Int(1), "download": BOOL, "hflip": Rule("bool", nullable=True), "num_workers": Int(0, nullable=True),
+    "max_memory_mb": Float(0, open_lo=True),
 }
 MODEL = {
     "dim": Choice(1, 2, 3), "in_channels": Int(1), "base_channels": Int(1), "channel_mult": Rule("ints", 1),

@@ -1,6 +1,6 @@
-"""`mnist`, `fashion`, `flowers102`: torchvision's datasets, held in memory as one uint8 tensor.
+"""`mnist`, `fashion`, `cifar10`, `flowers102`: torchvision's datasets, held in memory as one uint8 tensor.
 
-Each set is read once through torchvision's dataset class, brought to `resolution` once (MNIST/Fashion:
+Each set is read once in torchvision's file layout, brought to `resolution` once (MNIST/Fashion/CIFAR-10:
 antialiased bilinear resize; Flowers102: shorter side resized, then center crop, decoded by a DataLoader
 with workers and cached as a .pt file next to the JPEGs), and kept as uint8 [N, C, R, R] (60000 MNIST
 images at 28×28 = 47 MB). `to(device)` moves that tensor to the GPU, so a batch is one index + one
@@ -13,8 +13,10 @@ so an offline machine fails in seconds instead of hanging.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
+import pickle
 import socket
 import threading
 from collections.abc import Sequence
@@ -23,6 +25,7 @@ from pathlib import Path
 from typing import ClassVar
 from urllib.parse import urlparse
 
+import numpy as np
 import torch
 import torchvision
 from torch import Tensor
@@ -202,15 +205,23 @@ class InMemoryImages:
         Random horizontal flips (hflip) are drawn from `generator` (a CPU generator is fine), so a batch
         is a function of (indices, generator state) only, wherever the data lives.
         """
-        indices = indices.to(self.images.device)
-        x = self.images[indices].float().div_(127.5).sub_(1.0)
+        return self._convert(self._gather(indices), generator), self.labels[indices.to(self.labels.device)]
+
+    def _gather(self, indices: Tensor) -> Tensor:
+        """The stored items at `indices`, on self.device (subclasses may read them from elsewhere, e.g. a memmap)."""
+        return self.images[indices.to(self.images.device)]
+
+    def _convert(self, items: Tensor, generator: torch.Generator | None) -> Tensor:
+        """Stored items [B, C_stored, *S] (uint8, or float already in [−1, 1]) → float32 [B, channels, *S] in
+        [−1, 1], flipped along the last axis where drawn (any dim), grey replicated when RGB is asked."""
+        x = items.float().div_(127.5).sub_(1.0) if items.dtype == torch.uint8 else items.float()
         if self.hflip:
-            flip = torch.rand(len(indices), generator=generator) < 0.5
-            flip = flip.to(x.device).view(-1, 1, 1, 1)
+            flip = torch.rand(len(x), generator=generator) < 0.5
+            flip = flip.to(x.device).view(-1, *([1] * (x.ndim - 1)))
             x = torch.where(flip, x.flip(-1), x)
         if x.shape[1] != self.channels:  # grey stored, RGB asked: replicate
-            x = x.expand(-1, self.channels, -1, -1).contiguous()
-        return x, self.labels[indices]
+            x = x.expand(-1, self.channels, *x.shape[2:]).contiguous()
+        return x
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(split={self.split}, n={len(self)}, resolution={self.resolution}, "
@@ -260,6 +271,90 @@ class FashionMNISTDataset(_IdxImages):
     tv_class = torchvision.datasets.FashionMNIST
     CLASS_NAMES = tuple(torchvision.datasets.FashionMNIST.classes)
     download_urls = tuple(torchvision.datasets.FashionMNIST.mirrors)
+
+
+class _ArraysOnlyUnpickler(pickle.Unpickler):
+    """CIFAR's files are pickles, and pickle.load runs whatever a file names. Files are untrusted input here
+    (DESIGN §6) and the CIFAR folder is not MD5-checked (see CIFAR10Dataset), so only what the format holds
+    may be built: dicts, lists, strings, numbers and numpy arrays (by any numpy's name for them)."""
+
+    ALLOWED: ClassVar[dict[tuple[str, str], tuple[str, str]]] = {
+        ("numpy", "ndarray"): ("numpy", "ndarray"),
+        ("numpy", "dtype"): ("numpy", "dtype"),
+        ("_codecs", "encode"): ("_codecs", "encode"),  # bytes written by Python 3 at protocol 2
+        **{(f"numpy.{core}.multiarray", "_reconstruct"): ("multiarray", "_reconstruct") for core in ("core", "_core")},
+        **{(f"numpy.{core}.numeric", "_frombuffer"): ("numeric", "_frombuffer") for core in ("core", "_core")},
+    }
+
+    def find_class(self, module: str, name: str):
+        target = self.ALLOWED.get((module, name))
+        if target is None:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name} (only numpy arrays are expected)")
+        where, attr = target
+        if where in ("multiarray", "numeric"):  # numpy ≥ 2 moved numpy.core to numpy._core
+            try:
+                return getattr(importlib.import_module(f"numpy._core.{where}"), attr)
+            except ImportError:
+                where = f"numpy.core.{where}"
+        return getattr(importlib.import_module(where), attr)
+
+
+def load_array_pickle(path: Path) -> dict:
+    """A CIFAR-format pickle (a dict of arrays, lists and strings), built by _ArraysOnlyUnpickler."""
+    with open(path, "rb") as f:
+        return _ArraysOnlyUnpickler(f, encoding="latin1").load()  # latin1: the original files are Python 2's
+
+
+class CIFAR10Dataset(InMemoryImages):
+    """CIFAR-10 (Krizhevsky 2009): 50000 train + 10000 test RGB images, 32×32, 10 classes; random horizontal
+    flips on train. torchvision's layout (<root>/cifar-10-batches-py: data_batch_1…5, test_batch,
+    batches.meta); torchvision downloads it, but the files are read here with _ArraysOnlyUnpickler rather
+    than torchvision's pickle.load, and without torchvision's MD5 check: a copied or hand-made folder in the
+    same format loads too (the download itself is MD5-checked by torchvision)."""
+
+    name = "cifar10"
+    tv_class = torchvision.datasets.CIFAR10
+    CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+    download_urls = (torchvision.datasets.CIFAR10.url,)
+
+    def __init__(self, root=None, download: bool = False, split: str = "train", resolution: int = 32,
+                 channels: int = 3, num_classes: int | None = None, dim: int = 2, hflip: bool | None = None):
+        super().__init__(root=root, download=download, split=split, resolution=resolution, channels=channels,
+                         num_classes=num_classes, dim=dim, hflip=hflip)
+
+    def default_hflip(self, split: str) -> bool:
+        return split == "train"
+
+    def folder(self) -> Path:
+        return self.root / self.tv_class.base_folder
+
+    def expected_files(self) -> list[str]:
+        tv = self.tv_class
+        return [name for name, _ in tv.train_list + tv.test_list] + [tv.meta["filename"]]
+
+    def _download(self) -> None:
+        self.tv_class(str(self.root), train=True, download=True)
+
+    def _read(self) -> tuple[Tensor, Tensor]:
+        files = self.tv_class.train_list if self.split == "train" else self.tv_class.test_list
+        images, labels = [], []
+        for name, _ in files:
+            path = self.folder() / name
+            try:
+                entry = {k.decode("latin1") if isinstance(k, bytes) else k: v
+                         for k, v in load_array_pickle(path).items()}
+                data = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+                targets = np.asarray(entry["labels"], dtype=np.int64)
+                if len(targets) != len(data):
+                    raise ValueError(f"{len(data)} images but {len(targets)} labels")
+            except Exception as e:  # noqa: BLE001 - a truncated, foreign or tampered file
+                raise DiffuseError(f"dataset {self.name}: cannot read {path}: {' '.join(str(e).split())}") from None
+            images.append(torch.from_numpy(data))
+            labels.append(torch.from_numpy(targets))
+        images = torch.cat(images)  # uint8 [N, 3, 32, 32] (the files store planes: R, G, B)
+        if self.resolution != images.shape[-1]:
+            images = resize_uint8(images, self.resolution)
+        return images, torch.cat(labels)
 
 
 class _Flowers102Folder(torchvision.datasets.Flowers102):
