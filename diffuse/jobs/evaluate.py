@@ -4,7 +4,9 @@ Draws `num_samples` images with the run's sampler (or `sampler=X`), as `diffuse 
 them with as many real images (the `reference_split` of datasets that have splits; latent runs: decoded,
 against the pixel data). Metrics (diffuse/metrics.py): FD on fixed random-conv features with its
 real-vs-real floor at the same count, label agreement for conditional models, the off-range fraction and
-the brightness statistics. Writes metrics.json (and samples.npz with save_samples) into its run dir.
+the brightness statistics; with `metrics=[fd,fid,kid,prc]` also Inception FID, KID and precision/recall
+through torch-fidelity (diffuse/fidelity.py; 2-D grey/RGB only, weights from a local file, never downloaded).
+Writes metrics.json (and samples.npz with save_samples) into its run dir.
 """
 
 from __future__ import annotations
@@ -18,13 +20,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from diffuse import metrics
+from diffuse import fidelity, metrics
 from diffuse.diffusion.generation import class_labels, generate
 from diffuse.errors import DiffuseError
 from diffuse.jobs.common import build, load_run, resolve_device
 from diffuse.jobs.sample import sampler_config
 from diffuse.latent import is_latent_run, latent_decoder, unclipped_in_latent_space
 from diffuse.training.loop import PRECISIONS
+from diffuse.validation import check_guidance
 
 
 def reference_dataset(saved: DictConfig, split: str | None, data_root: str | None):
@@ -52,18 +55,36 @@ def real_sets(dataset, n: int):
     return x_a.float().cpu(), y_a.cpu(), x_b.float().cpu(), y_b.cpu()
 
 
+def metric_names(value) -> tuple[bool, tuple[str, ...]]:
+    """`metrics` (a list, or one name) → (random-conv FD wanted, the Inception metrics asked for)."""
+    names = [] if value is None else [value] if isinstance(value, str) else [str(v) for v in value]
+    unknown = [v for v in names if v not in ("fd", *fidelity.METRICS)]
+    if unknown:
+        raise DiffuseError(f"metrics: unknown {unknown}; choose from fd, {', '.join(fidelity.METRICS)} "
+                           f"(e.g. metrics=[fd,fid])")
+    return "fd" in names, tuple(m for m in fidelity.METRICS if m in names)
+
+
 def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> dict:
     run_dir = Path(run_dir)
     device = resolve_device(cfg.device)
+    want_fd, inception = metric_names(cfg.get("metrics", ["fd"]))
+    # before anything slow: no weights (or no torch-fidelity) must not cost the user a sampling run
+    weights = fidelity.find_weights(cfg.get("inception_weights")) if inception else None
     n = int(cfg.num_samples)
     if n < 2:
         raise DiffuseError(f"num_samples must be at least 2 (a covariance needs two); got {n}")
-    loaded = load_run(cfg.checkpoint, device, use_ema=cfg.use_ema)
+    loaded = load_run(cfg.checkpoint, device, use_ema=cfg.use_ema, allow_targets=cfg.get("allow_targets") or ())
     saved, model = loaded.config, loaded.model
     chosen = sampler_config(cfg, saved, overrides or [])
     sampler = unclipped_in_latent_space(build(chosen, "sampler"), is_latent_run(saved))
+    check_guidance(sampler.guidance_scale, bool(saved.get("conditional")),
+                   float(saved.get("trainer", {}).get("cond_drop_prob") or 0), f"the run {loaded.path}")
     dataset = reference_dataset(saved, cfg.get("reference_split"), cfg.get("data_root"))
     real_a, real_y, real_b, real_b_y = real_sets(dataset, n)
+    if inception:  # 1-D / 3-D data, odd channel counts, settings that cannot work at n: refused before sampling
+        fidelity.check_images(real_a.shape[1:])
+        fidelity.check_settings(n, inception, cfg.kid_subset_size, cfg.prc_neighborhood)
 
     num_classes = int(getattr(model, "num_classes", 0) or 0)
     labels = class_labels(n, num_classes)
@@ -83,15 +104,18 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> d
     if x.shape[1:] != real_a.shape[1:]:
         raise DiffuseError(f"samples are {tuple(x.shape[1:])} but the reference data is {tuple(real_a.shape[1:])}")
 
-    net = metrics.RandomFeatures(dim=x.dim() - 2, channels=x.shape[1]).to(device)
-    feats_real = metrics.features(net, real_a)
     result = {
         "checkpoint": str(loaded.path), "step": loaded.step, "sampler": type(sampler).__name__,
         "sampler_config": OmegaConf.to_container(chosen, resolve=True),
         "steps": int(sampler.steps), "clip_x0": sampler.clip_x0, "nfe": int(out.nfe), "num_samples": n, "seconds": round(seconds, 3),
-        "fd": metrics.frechet_distance(metrics.features(net, x), feats_real),
-        "fd_real_vs_real": None if real_b is None else metrics.frechet_distance(metrics.features(net, real_b),
-                                                                                 feats_real),
+    }
+    if want_fd:
+        net = metrics.RandomFeatures(dim=x.dim() - 2, channels=x.shape[1]).to(device)
+        feats_real = metrics.features(net, real_a)
+        result["fd"] = metrics.frechet_distance(metrics.features(net, x), feats_real)
+        result["fd_real_vs_real"] = None if real_b is None else metrics.frechet_distance(metrics.features(net, real_b),
+                                                                                          feats_real)
+    result.update({
         "label_agreement": None if labels is None else
         float((metrics.nearest_label(x, real_a, real_y) == labels).float().mean()),
         # the same nearest-neighbour rule on real images: the ceiling label_agreement can reach
@@ -100,8 +124,21 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> d
         "off_range_fraction": metrics.off_range_fraction(x, real_a),
         "mean": float(x.mean()), "std": float(x.std()), "real_mean": float(real_a.mean()),
         "real_std": float(real_a.std()),
-        "metric": "FD of fixed random-conv features (diffuse/metrics.py), comparable at equal num_samples only",
-    }
+    })
+    if want_fd:
+        result["metric"] = "FD of fixed random-conv features (diffuse/metrics.py), comparable at equal num_samples only"
+    if inception:
+        bar = tqdm(total=2 * n, desc="Inception features (torch-fidelity)", dynamic_ncols=True)
+        start = time.perf_counter()
+        result.update(fidelity.compute(x, real_a, inception, weights=weights, device=device,
+                                       batch_size=cfg.inception_batch_size, kid_subset_size=cfg.kid_subset_size,
+                                       kid_subsets=cfg.kid_subsets, prc_neighborhood=cfg.prc_neighborhood,
+                                       progress=bar.update))
+        bar.close()
+        result["inception_seconds"] = round(time.perf_counter() - start, 3)
+        result["inception_metric"] = ("torch-fidelity InceptionV3 pool3 (2048-d; precision/recall too) on uint8 RGB, "
+                                      "grey replicated, resized to 299 by torch-fidelity; comparable only at equal "
+                                      "num_samples and the same weights (inception_weights_sha256)")
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "metrics.json"
     path.write_text(json.dumps(result, indent=2))
@@ -110,9 +147,16 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> d
         if labels is not None:
             arrays["y"] = labels.numpy().astype(np.int64)
         np.savez(run_dir / "samples.npz", **arrays)
-    floor = "" if result["fd_real_vs_real"] is None else f" (real vs real: {result['fd_real_vs_real']:.3f})"
+    floor = "" if result.get("fd_real_vs_real") is None else f" (real vs real: {result['fd_real_vs_real']:.3f})"
     print(f"{result['sampler']} {result['steps']} steps, {result['nfe']} NFE, {n} samples, step {loaded.step}:")
-    print(f"  FD {result['fd']:.3f}{floor}")
+    if want_fd:
+        print(f"  FD {result['fd']:.3f}{floor}")
+    if inception:
+        parts = [f"FID {result['fid']:.3f}" if "fid" in result else "",
+                 f"KID {result['kid_mean']:.5f} ± {result['kid_std']:.5f}" if "kid_mean" in result else "",
+                 f"precision {result['precision']:.3f} recall {result['recall']:.3f}" if "precision" in result else ""]
+        print(f"  {'  '.join(p for p in parts if p)} (Inception, {n} vs {n} images, "
+              f"weights {result['inception_weights']}, sha256 {result['inception_weights_sha256'][:8]})")
     if result["label_agreement"] is not None:
         ceiling = result["label_agreement_real"]
         print(f"  label agreement {result['label_agreement']:.3f}"

@@ -1,0 +1,203 @@
+"""Inception FID / KID / precision-recall (diffuse/fidelity.py, `diffuse evaluate metrics=[…]`) against
+torch-fidelity's own `calculate_metrics`, with an Inception of random weights saved where a user would put the real
+ones: the same numbers as the library, ≈0 for identical sets (|FID| ~3e-7), the offline error before any
+sampling, 1-D / 3-D data refused, and the whole CLI path writing metrics.json.
+
+The random network is torch-fidelity's own class, He-initialised from a seeded generator. Its default init
+(kaiming-uniform with a=√5, variance gain 1/3 per conv) shrinks activations at every one of Inception's ~20 layers:
+pool3 features come out ~1e-8 and every FID ~1e-13, so any comparison would pass vacuously. He-normal keeps them
+~0.1: shapes vs more shapes of the same kind give an FID of ~0.1–1, shapes vs their negatives tens of times more.
+Inception at 299² takes ~0.5 s per image on one CPU core, hence sets of 6–8 images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+import json
+import math
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+from torch import nn
+
+from diffuse import fidelity
+from diffuse.data.shapes import ShapesDataset
+from diffuse.errors import DiffuseError
+from diffuse.jobs.evaluate import metric_names
+
+from conftest import TINY, run_cli
+
+torch_fidelity = pytest.importorskip("torch_fidelity")
+from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3  # noqa: E402
+
+N = 8
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> Path:
+    """A random-weight InceptionV3 state dict in the file format torch-fidelity loads (a plain state dict)."""
+    with mock.patch("torch_fidelity.feature_extractor_inceptionv3.load_state_dict_from_url", lambda *a, **k: {}), \
+            mock.patch.object(FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None):
+        net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])  # built, no weights loaded
+    g = torch.Generator().manual_seed(0)
+    for m in net.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu", generator=g)
+    path = tmp_path_factory.mktemp("inception") / fidelity.WEIGHTS_FILE
+    torch.save(net.state_dict(), path)
+    return path
+
+
+def _shapes(start: int, n: int) -> torch.Tensor:
+    """n grey 28×28 shapes quantised to 8 bits, as float [-1, 1]: the 8-bit levels survive our uint8 conversion."""
+    x, _ = ShapesDataset(dim=2, resolution=28, size=64).get_batch(torch.arange(start, start + n))
+    return ((x + 1) * 127.5).round() / 127.5 - 1
+
+
+class _Uint8(torch.utils.data.Dataset):
+    def __init__(self, x):
+        self.x = x
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i]
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")  # the library's default: 4 loader workers
+def test_same_numbers_as_torch_fidelity(weights):
+    fake, real = _shapes(0, N), -_shapes(N, N)  # shapes vs negatives: far apart
+    ours = fidelity.compute(fake, real, weights=weights)
+    # the library called directly, on 8-bit RGB made here: grey repeated, exactly the 8-bit levels of the inputs
+    u = [((x + 1) * 127.5).round().to(torch.uint8).repeat(1, 3, 1, 1) for x in (fake, real)]
+    theirs = torch_fidelity.calculate_metrics(
+        input1=_Uint8(u[0]), input2=_Uint8(u[1]), fid=True, kid=True, prc=True,
+        feature_extractor="inception-v3-compat", feature_extractor_weights_path=str(weights),
+        kid_subset_size=N, cuda=False, cache=False, verbose=False)
+    assert ours["fid"] == pytest.approx(theirs["frechet_inception_distance"], abs=1e-3)
+    assert ours["kid_mean"] == pytest.approx(theirs["kernel_inception_distance_mean"], abs=1e-6)
+    assert ours["kid_std"] == pytest.approx(theirs["kernel_inception_distance_std"], abs=1e-6)
+    assert (ours["precision"], ours["recall"]) == (theirs["precision"], theirs["recall"])
+    for key in ("fid", "kid_mean", "kid_std", "precision", "recall"):
+        assert math.isfinite(ours[key])
+    assert ours["fid"] > 1 and ours["kid_mean"] > 0 and 0 <= ours["precision"] <= 1 and 0 <= ours["recall"] <= 1
+    assert ours["kid_subset_size"] == N and ours["num_samples"] == ours["num_reference"] == N  # capped at N
+    assert ours["inception_weights"] == str(weights.resolve())
+    assert ours["inception_weights_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert ours["torch_fidelity_version"] == torch_fidelity.__version__
+
+
+def test_identical_sets_give_zero_and_real_differences_show(weights):
+    a, weights = _shapes(0, 6), fidelity.find_weights(weights)  # vetted and hashed once, as a training loop would
+    same = fidelity.compute(a, a, metrics=["fid"], weights=weights)
+    assert abs(same["fid"]) < 1e-4 and set(same) >= {"fid"} and "kid_mean" not in same  # float32 features: ~1e-7
+    # the random network still tells distributions apart: more shapes ≪ negatives of shapes
+    near = fidelity.compute(a, _shapes(6, 6), metrics=["fid"], weights=weights)["fid"]
+    far = fidelity.compute(a, -_shapes(6, 6), metrics=["fid"], weights=weights)["fid"]
+    assert 1e-2 < near < far / 5  # measured: 0.33 and 10.0
+
+
+def test_images_are_converted_once_the_same_way():
+    grey = torch.tensor([-1.0, -0.5, 0.0, 1.0, 2.0]).view(5, 1, 1, 1).expand(5, 1, 4, 4)
+    u = fidelity.to_uint8_rgb(grey)
+    assert u.dtype == torch.uint8 and u.shape == (5, 3, 4, 4)
+    assert u[:, :, 0, 0].tolist() == [[v] * 3 for v in (0, 64, 128, 255, 255)]  # rounded, clamped, replicated
+    levels = torch.arange(256, dtype=torch.float32).view(1, 1, 16, 16)
+    assert torch.equal(fidelity.to_uint8_rgb(levels / 127.5 - 1)[0, 0].float(), levels[0, 0])  # 8-bit: exact
+    rgb = torch.rand(2, 3, 5, 5) * 2 - 1
+    assert torch.equal(fidelity.to_uint8_rgb(rgb)[:, 2], ((rgb[:, 2] + 1) * 127.5).round().to(torch.uint8))
+
+
+@pytest.mark.parametrize("shape", [(1, 16), (1, 4, 4, 4), (2, 8, 8)])
+def test_what_inception_cannot_see_is_refused(shape):
+    with pytest.raises(DiffuseError) as e:
+        fidelity.check_images(shape)
+    assert "\n" not in str(e.value) and "metrics=[fd]" in str(e.value)
+    with pytest.raises(DiffuseError):
+        fidelity.to_uint8_rgb(torch.zeros(2, *shape))
+
+
+def test_weights_are_found_or_refused_in_one_line(weights, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    with pytest.raises(DiffuseError) as e:
+        fidelity.find_weights()
+    message = str(e.value)
+    assert "\n" not in message and fidelity.weights_url() in message
+    assert str(tmp_path / "torch" / "hub" / "checkpoints" / fidelity.WEIGHTS_FILE) in message
+    cached = fidelity.cache_path()
+    cached.parent.mkdir(parents=True)
+    cached.symlink_to(weights)  # where torch-fidelity would have downloaded it: used without being asked for
+    assert fidelity.find_weights().path == weights.resolve()
+    with pytest.raises(DiffuseError, match="no such file"):
+        fidelity.find_weights(tmp_path / "nothing.pth")
+    torch.save({"fc.weight": torch.zeros(10, 2048)}, tmp_path / "other.pth")
+    with pytest.raises(DiffuseError, match="not torch-fidelity's InceptionV3"):
+        fidelity.find_weights(tmp_path / "other.pth")
+    torch.save({"fc.weight": mock.sentinel}, tmp_path / "pickled.pth")  # would run code on load: refused
+    with pytest.raises(DiffuseError, match="refused"):
+        fidelity.find_weights(tmp_path / "pickled.pth")
+
+
+def test_missing_library_is_one_line(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch_fidelity", None)  # as if not installed
+    with pytest.raises(DiffuseError, match=r"pip install torch-fidelity"):
+        fidelity.find_weights()
+
+
+def test_metric_names():
+    assert metric_names(["fd"]) == (True, ())
+    assert metric_names("fid") == (False, ("fid",))
+    assert metric_names(["prc", "fd", "kid", "fid"]) == (True, ("fid", "kid", "prc"))
+    with pytest.raises(DiffuseError, match="unknown"):
+        metric_names(["fd", "is"])
+    fidelity.check_settings(8, ["fid", "kid", "prc"], kid_subset_size=1000, prc_neighborhood=3)  # KID: capped at 8
+    for n, metrics, subset, k, words in [(8, ["kid"], 1, 3, "kid_subset_size"), (3, ["prc"], 2, 3, "prc_neighborhood"),
+                                         (1, ["fid"], 2, 3, "at least 2"), (8, ["isc"], 2, 3, "some of")]:
+        with pytest.raises(DiffuseError, match=words):
+            fidelity.check_settings(n, metrics, kid_subset_size=subset, prc_neighborhood=k)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fid_cli")
+    proc = run_cli(["train", *TINY, "trainer.max_steps=2"], root)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return root, next(root.glob("outputs/*/*/checkpoints/last.ckpt"))
+
+
+def test_evaluate_writes_inception_metrics(trained, weights):
+    root, ckpt = trained
+    proc = run_cli(["evaluate", f"checkpoint={ckpt}", "metrics=[fd,fid,kid,prc]", f"inception_weights={weights}",
+                    "num_samples=6", "sampler=ddim", "sampler.steps=2", "device=cpu"], root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    path = Path(proc.stdout.split("metrics: ", 1)[1].splitlines()[0])
+    r = json.loads((root / path).read_text())
+    for key in ("fd", "fid", "kid_mean", "kid_std", "precision", "recall"):
+        assert math.isfinite(r[key]), key
+    assert r["fid"] > 0 and r["num_samples"] == 6 and r["kid_subset_size"] == 6
+    assert r["inception_weights"] == str(weights.resolve()) and len(r["inception_weights_sha256"]) == 64
+    assert "FID " in proc.stdout and "KID " in proc.stdout and "precision " in proc.stdout
+
+
+def test_evaluate_without_weights_fails_before_sampling(trained, tmp_path):
+    root, ckpt = trained
+    env = {"HOME": str(tmp_path), "TORCH_HOME": str(tmp_path / "torch"), "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    proc = run_cli(["evaluate", f"checkpoint={ckpt}", "metrics=fid", "num_samples=8", "device=cpu"], root, env=env)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and fidelity.WEIGHTS_FILE in lines[0] and "https://" in lines[0], proc.stderr
+    assert str(tmp_path / "torch" / "hub" / "checkpoints") in lines[0]
+
+
+def test_evaluate_refuses_1d_data_before_sampling(tmp_path, weights):
+    proc = run_cli(["train", *TINY, "dim=1", "trainer.max_steps=1"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = run_cli(["evaluate", "metrics=[fd,fid]", f"inception_weights={weights}", "num_samples=8", "device=cpu"],
+                   tmp_path)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "1-D" in lines[0] and "metrics=[fd]" in lines[0], proc.stderr
