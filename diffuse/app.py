@@ -1,6 +1,9 @@
 """Hydra entry point: compose `conf/<job>.yaml` with the overrides and run `diffuse.jobs.<job>.run`.
 
-Errors meant for the user (DiffuseError, bad config values) are printed on one line, exit code 1.
+Errors meant for the user (DiffuseError, bad config values) are printed on one line, exit code 1 (128 + the
+signal's number for a run stopped by a signal). In a multirun a failed job is reported and the sweep goes on;
+the sweep then exits 1 naming each failed job. A job returns `optimized_metric`'s value (a float) to Hydra,
+which is what a sweeper such as Optuna optimises.
 """
 
 from __future__ import annotations
@@ -13,6 +16,9 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.plugins import Plugins
+from hydra.plugins.search_path_plugin import SearchPathPlugin
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from diffuse.data.folder import RESOLVER as FOLDER_CLASSES
@@ -20,11 +26,32 @@ from diffuse.data.folder import count_classes
 from diffuse.errors import DiffuseError
 from diffuse.jobs.common import SEARCH_ROOTS
 from diffuse.training.checkpoint import latest_run, run_folder_of, run_kind
+from diffuse.training.stopping import Interrupted
 from diffuse.validation import validate
 
 log = logging.getLogger("diffuse")
 
 CONF_DIR = str(Path(__file__).parent / "conf")
+PROJECT_CONF = "conf"  # a user's own configs, in the folder `diffuse` runs from
+
+
+class ProjectConfigDir(SearchPathPlugin):
+    """Puts ./conf (when there is one) on Hydra's config search path right before our packaged conf/, so a
+    project's `conf/experiment/mine.yaml` or `conf/model/mynet.yaml` is a choice with no flag, and a file of
+    the same name as one of ours (conf/model/unet.yaml) wins over ours.
+
+    Why a plugin: `--config-dir` (one folder, taken by the user's own flag) and `hydra.searchpath` (entries
+    appended after the primary config dir, and a warning on every run where the folder is missing) both
+    put the folder *behind* the packaged configs; a SearchPathPlugin is Hydra's documented hook to place a
+    folder anywhere. It is registered by `launch` only (not through the global `hydra_plugins` namespace),
+    and acts only on the search path whose primary configs are ours, so other Hydra apps never see it."""
+
+    def manipulate_search_path(self, search_path) -> None:
+        folder = Path.cwd() / PROJECT_CONF
+        ours = [e for e in search_path.get_path() if e.provider == "main" and
+                str(e.path).removeprefix("file://") == CONF_DIR]
+        if ours and folder.is_dir() and folder.resolve() != Path(CONF_DIR).resolve():
+            search_path.prepend(provider="diffuse-project", path=f"file://{folder}", anchor="main")
 
 
 def resumed_run_folder(resume, kind: str) -> Path | None:
@@ -61,18 +88,52 @@ def _register_resolvers() -> None:
             else f".hydra/resume-{datetime.now():%Y-%m-%d_%H-%M-%S}")
 
 
+def optimized_value(summary, name: str | None, required: bool):
+    """What a job returns to Hydra: the float its sweeper optimises (`optimized_metric`), else None; a
+    sweeper that optimises (`required`) gets an error for a value the job did not produce."""
+    if not name or (not required and (not isinstance(summary, dict) or summary.get(name) is None)):
+        return None
+    if not isinstance(summary, dict) or summary.get(name) is None:
+        raise DiffuseError(f"optimized_metric={name}: the job produced no such value "
+                           f"(it produced: {', '.join(sorted(summary or {}))})")
+    return float(summary[name])
+
+
 def launch(config_name: str, overrides: list[str]) -> None:
     _register_resolvers()
+    Plugins.instance().register(ProjectConfigDir)  # ./conf before the packaged configs (see the class)
+    failures: list[str] = []
 
-    def task(cfg: DictConfig) -> dict | None:
+    def task(cfg: DictConfig) -> float | None:
         hc = HydraConfig.get()
         job = importlib.import_module(f"diffuse.jobs.{config_name}")
         try:
             validate(cfg, config_name)
-            return job.run(cfg, Path(hc.runtime.output_dir), list(hc.overrides.task))
+            optimizing = "optuna" in str(hc.sweeper.get("_target_", ""))
+            problem = None  # a sweep every trial of which would fail the same way: stop it now
+            if optimizing and not cfg.get("optimized_metric"):
+                problem = (f"an Optuna sweep needs a metric, but `diffuse {config_name.replace('_', '-')}` "
+                           "returns none here: set optimized_metric")
+            elif optimizing and cfg.optimized_metric == "val_loss" and not cfg.trainer.get("val_items"):
+                problem = "optimized_metric=val_loss needs the validation loss: trainer.val_items > 0"
+            if problem:
+                print(f"diffuse {config_name}: error: {problem}", file=sys.stderr)
+                sys.exit(1)
+            return optimized_value(job.run(cfg, Path(hc.runtime.output_dir), list(hc.overrides.task)),
+                                   cfg.get("optimized_metric"), optimizing)
         except DiffuseError as e:
             print(f"diffuse {config_name}: error: {e}", file=sys.stderr)
-            sys.exit(1)
+            if hc.mode != RunMode.MULTIRUN or isinstance(e, Interrupted):
+                sys.exit(getattr(e, "exit_code", 1))
+            # one job of a sweep failed: say which and go on with the others (None: Optuna records a failed
+            # trial; a NaN would make optuna-sweeper 1.3 tell the trial twice and crash)
+            failures.append(f"job {hc.job.num} [{' '.join(hc.overrides.task)}] in {hc.runtime.output_dir}: {e}")
+            return None
 
     sys.argv = [f"diffuse {config_name}"] + overrides
     hydra.main(config_path=CONF_DIR, config_name=config_name, version_base="1.3")(task)()
+    if failures:
+        print(f"diffuse {config_name}: {len(failures)} job(s) of the sweep failed:", file=sys.stderr)
+        for line in failures:
+            print(f"  {line}", file=sys.stderr)
+        sys.exit(1)

@@ -35,6 +35,10 @@ def build(node: DictConfig | dict, what: str, **kwargs):
         while root.__cause__ is not None:
             root = root.__cause__
         msg = str(root).strip().splitlines()[-1] if str(root).strip() else type(root).__name__
+        target = node.get("_target_") if isinstance(node, (dict, DictConfig)) else None
+        if isinstance(root, ImportError) and target and not str(target).startswith("diffuse."):
+            msg += (f" (_target_: {target}: install its package, or put the folder that holds it on "
+                    "PYTHONPATH; the `diffuse` command does not import from the current folder)")
         raise DiffuseError(f"cannot build {what}: {msg}") from None
 
 
@@ -73,6 +77,8 @@ def check_targets(config, source: str, allow: Iterable[str] = ()) -> None:
     """Refuse a file's config that would build anything but our parts (or classes under `allow`).
 
     Raises a one-line DiffuseError naming the key and target; builds nothing, calls nothing."""
+    if isinstance(allow, str):  # allow_targets=mypkg. (no brackets): one prefix, not its letters
+        allow = [allow]
     prefixes = PART_PACKAGES + tuple(str(p) for p in allow or () if p)
     if isinstance(config, (DictConfig, ListConfig)):
         config = OmegaConf.to_container(config, resolve=False)
@@ -86,5 +92,9 @@ def check_targets(config, source: str, allow: Iterable[str] = ()) -> None:
         if not isinstance(target, str) or not _allowed_class(target, prefixes):
             extra = "" if len(prefixes) > len(PART_PACKAGES) else \
                 " (a model class of your own: allow its package with allow_targets=[yourpkg.])"
+            if isinstance(target, str) and target.startswith(prefixes[len(PART_PACKAGES):] or ("\0",)):
+                # allowed prefix, but not a class defined in the module named (re-exported, or a function)
+                extra = (" or classes defined in the module the target names (name a class by its defining "
+                         "module, e.g. mypkg.net.MyNet, not a re-export)")
             raise DiffuseError(f"{source}: refusing to build {key}={target!r}: a stored config may only build "
                                f"diffuse's own model/schedule/sampler/dataset classes{extra}")

@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 
 JOBS = {
@@ -17,6 +16,7 @@ JOBS = {
     "animate": "sample plus an animation of the denoising (= sample --animation)",
     "evaluate": "sample quality of a checkpoint against real data (FD, label agreement): metrics.json",
     "train-vae": "train the autoencoder of latent diffusion (then: diffuse train latent.vae=PATH)",
+    "export": "a checkpoint's weights as model.safetensors + config.json (sample takes the folder too)",
 }
 ALIASES = {"animate": ("sample", ["animation.enabled=true"]), "train-vae": ("train_vae", [])}
 
@@ -85,8 +85,11 @@ def split_flags(args: list[str]) -> tuple[list[str], list[str]]:
 
 
 def _distributed_overrides() -> list[str]:
-    """Under torchrun only rank 0 writes a Hydra run dir; the others write nothing."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) > 0:
+    """Under torchrun (or several Slurm tasks) only rank 0 writes a Hydra run dir; the others write nothing."""
+    from diffuse.training.distributed import launched_rank_world
+
+    rank, world = launched_rank_world()
+    if world > 1 and rank > 0:
         return ["hydra.output_subdir=null", "hydra.run.dir=.", "hydra/job_logging=disabled",
                 "hydra/hydra_logging=disabled"]
     return []

@@ -12,7 +12,11 @@ GIFs are written with imageio (Pillow); MP4 needs imageio-ffmpeg (`pip install "
 
 from __future__ import annotations
 
+import html
+import json
 import math
+import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -350,3 +354,67 @@ def save_animation(states: Sequence[Tensor], path: str | Path, nrow: int | None 
             frames = [np.pad(f, ((0, h % 2), (0, w % 2), (0, 0)), mode="edge") for f in frames]
         imageio.mimsave(path, frames, format="FFMPEG", fps=fps, macro_block_size=2, quality=8)
     return path
+
+
+
+# -- one sample at full size, and the table of training-time grids ------------------------------------------
+MIN_SINGLE = 64  # a single 2-D sample smaller than this (side) is upscaled (nearest, whole factor) to reach it
+
+
+def save_sample_image(x: Tensor, path: str | Path, index: int = 0, view: str = "slices",
+                      min_side: int = MIN_SINGLE) -> Path:
+    """Sample `index` of x [N, C, *spatial] alone, as a PNG (the Flowers seed's generated_pixel_diffusion.png).
+    2-D: the data's own pixels (64² flowers stay 64², no frame), upscaled by a whole factor, nearest, only
+    when the shorter side is under `min_side` (a 28² digit becomes 84²) so that it stays visible. 1-D and 3-D
+    have no pixels of their own: the line plot or the three views (`view`) of the grids, one tile."""
+    one = x[index:index + 1].detach().float().cpu()
+    if one.ndim - 2 != 2:
+        return _write_image(render_frame(one, 1, view), path)
+    img = _image_tiles(one)[0]
+    k = max(1, math.ceil(min_side / min(img.shape[:2])))
+    return _write_image(_upscale_by(img, k), path)
+
+
+def _fmt_epoch(epoch) -> str:
+    return "" if epoch is None else f"{round(float(epoch), 2):g}"
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_sample_index(folder: str | Path, step: int | None = None, epoch: float | None = None) -> list[dict]:
+    """The table of a run's training-time grids (the Flowers seed's README table, epoch 30 … 270): records
+    that `step_{step}.png` was drawn at `epoch` (epochs of data seen, e.g. 30 or 2.5) and rewrites, in
+    `folder` (the run's samples/), `index.json` (the records: the table survives a resume), `README.md` (a
+    markdown table) and `index.html` (open in a browser), listing every step_N.png there in step order.
+    Grids without a record (older runs) are listed without an epoch. Returns the rows
+    [{"step", "epoch", "file"}]."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    records: dict[int, float | None] = {}
+    try:
+        for row in json.loads((folder / "index.json").read_text()):
+            records[int(row["step"])] = row.get("epoch")
+    except (OSError, ValueError, TypeError, KeyError):
+        pass  # none yet, or unreadable: rebuilt from the files
+    if step is not None:
+        records[int(step)] = None if epoch is None else round(float(epoch), 4)
+    grids = {int(m.group(1)): p.name for p in folder.glob("step_*.png")
+             if (m := re.fullmatch(r"step_(\d+)\.png", p.name))}
+    rows = [{"step": s, "epoch": records.get(s), "file": name} for s, name in sorted(grids.items())]
+    _write_text(folder / "index.json", json.dumps(rows, indent=1) + "\n")
+    md = ["# Samples during training", "", "| step | epoch | samples (EMA) |", "|---:|---:|---|"]
+    md += [f"| {r['step']} | {_fmt_epoch(r['epoch'])} | ![step {r['step']}]({r['file']}) |" for r in rows]
+    _write_text(folder / "README.md", "\n".join(md) + "\n")
+    cells = "\n".join(
+        f"<tr><td>{r['step']}</td><td>{_fmt_epoch(r['epoch'])}</td>"
+        f"<td><img src=\"{html.escape(r['file'])}\" alt=\"step {r['step']}\"></td></tr>" for r in rows)
+    _write_text(folder / "index.html", (
+        "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>Samples during training</title>\n"
+        "<style>body{font-family:sans-serif} td{padding:4px 12px;text-align:right;vertical-align:middle}"
+        " img{image-rendering:pixelated;max-width:90vw}</style></head>\n<body><h1>Samples during training</h1>\n"
+        f"<table>\n<tr><th>step</th><th>epoch</th><th>samples (EMA)</th></tr>\n{cells}\n</table>\n</body></html>\n"))
+    return rows

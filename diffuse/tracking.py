@@ -157,6 +157,22 @@ class Tracker:
         if self.enabled:
             self._wandb_call(lambda: self.wandb.log({key: self.wandb.Video(str(path), fps=fps)}, step=step))
 
+    def log_table(self, key: str, columns: list[str], rows: list[list], step: int,
+                  image_columns: tuple[str, ...] = ()) -> None:
+        """A W&B table `key` of `rows` (cells in `image_columns` are image file paths), logged whole: a W&B
+        table is immutable once logged, so the caller passes every row each time (the newest version is the
+        one shown). Never raises, as every W&B call here."""
+        if not self.enabled or self.wandb is None:
+            return
+        picture = [c in image_columns for c in columns]
+
+        def log_it():
+            data = [[self.wandb.Image(str(v)) if pic and v is not None else v for v, pic in zip(row, picture)]
+                    for row in rows]
+            self.wandb.log({key: self.wandb.Table(columns=list(columns), data=data)}, step=step)
+
+        self._wandb_call(log_it)
+
     def finish(self) -> None:
         if self.wandb is not None:
             self._wandb_call(self.wandb.finish)

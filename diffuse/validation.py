@@ -18,8 +18,10 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from diffuse.errors import DiffuseError
+from diffuse.training.stopping import parse_max_time
 
 SPACINGS = ("auto", "linspace", "leading", "trailing", "karras", "logsnr")
+TRAIN_METRICS = ("val_loss", "loss")  # the summary values of `diffuse train` a sweep can optimise
 
 
 @dataclass(frozen=True)
@@ -116,7 +118,8 @@ TRAINER = {
     "compile": BOOL, "channels_last": Choice("auto", True, False), "cond_drop_prob": Float(0, 1, open_hi=True),
     "log_every": Int(1), "checkpoint_every": Int(1), "keep_checkpoints": Int(0, nullable=True),
     "max_nonfinite_steps": Int(1), "sample_every": Int(0), "sample_steps": Int(1, nullable=True),
-    "num_sample_images": Int(1), "final_animation": BOOL,
+    "num_sample_images": Int(1), "final_animation": BOOL, "val_every": Int(0), "val_items": Int(0),
+    "grad_accum_steps": Int(1), "dist_timeout_min": POSITIVE,
 }
 SAMPLER = {
     "steps": Int(1), "spacing": Choice(*SPACINGS), "guidance_scale": Float(0), "clip_x0": BOOL,
@@ -151,7 +154,8 @@ GROUPS = {"trainer": TRAINER, "sampler": SAMPLER, "schedule": SCHEDULE, "dataset
 JOBS = {
     "train": {**COMMON, "dim": Choice(1, 2, 3), "conditional": BOOL, "objective.prediction": Choice("eps", "x0", "v"),
               "objective.weighting": Choice("none", "min_snr"), "objective.min_snr_gamma": POSITIVE,
-              "latent.cache": BOOL, "latent.sample": BOOL,
+              "latent.cache": BOOL, "latent.sample": BOOL, "init_weights": Choice("ema", "raw"),
+              "init_skip_mismatched": BOOL,
               "logger.mode": Choice("auto", "online", "offline", "disabled")},
     "train_vae": {**COMMON, "dim": Choice(1, 2, 3), "loss.reconstruction": Choice("l1", "l2"),
                   "loss.kl_weight": Float(0), "scale_batches": Int(1), "evaluate.max_items": Int(1, nullable=True),
@@ -163,6 +167,7 @@ JOBS = {
     "evaluate": {**COMMON, "num_samples": Int(2), "batch_size": Int(1), "precision": PRECISION, "use_ema": BOOL,
                  "save_samples": BOOL, "inception_batch_size": Int(1), "kid_subset_size": Int(2),
                  "kid_subsets": Int(1), "prc_neighborhood": Int(1)},
+    "export": {"use_ema": BOOL},
 }
 
 
@@ -190,6 +195,8 @@ def validate(cfg: DictConfig, job: str) -> None:
         node = cfg.get(group)
         if not isinstance(node, DictConfig):
             continue
+        if group in ("model", "vae") and not str(node.get("_target_") or "diffuse.").startswith("diffuse."):
+            continue  # a network of the user's own: its arguments mean what it says (`channels: 64` is fine)
         for key, rule in rules.items():
             if key in node:
                 _check(f"{group}.{key}", node[key], rule)
@@ -204,6 +211,19 @@ def _check_combinations(cfg: DictConfig, job: str) -> None:
     if schedule is not None and "beta_start" in schedule and schedule.beta_start >= schedule.beta_end:
         raise DiffuseError(f"schedule.beta_start={schedule.beta_start} must be below "
                            f"schedule.beta_end={schedule.beta_end}")
+    metric = cfg.get("optimized_metric")
+    if job == "train" and metric is not None:
+        if metric not in TRAIN_METRICS:
+            raise DiffuseError(f"optimized_metric must be one of {', '.join(TRAIN_METRICS)} (what `diffuse train` "
+                               f"returns), or null; got {metric}")
+    if trainer is not None and "max_time" in trainer:
+        parse_max_time(trainer.max_time)
+    # resume=self (a requeued job) may come with init_from: the first start loads it, a restart resumes; a
+    # resumed run's merged config keeps the command line's init_from beside `initialized_from` (ignored there)
+    if job == "train" and cfg.get("init_from") and cfg.get("resume") not in (None, "", "self") \
+            and not cfg.get("initialized_from"):
+        raise DiffuseError(f"init_from={cfg.init_from} starts a new run from another run's weights, resume={cfg.resume} "
+                           "continues a run with all it had: give one of them")
     if job == "train" and sampler is not None and trainer is not None:
         check_guidance(float(sampler.get("guidance_scale") or 0), bool(cfg.get("conditional")),
                        float(trainer.get("cond_drop_prob") or 0), "this run")

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from diffuse.errors import DiffuseError
+from diffuse.jobs.common import resume_checkpoint
 from diffuse.jobs import train as train_job
 from diffuse.training import loop
 from diffuse.training.checkpoint import load_checkpoint, mark_run, save_checkpoint
@@ -174,4 +175,12 @@ def test_each_job_finds_runs_of_its_own_kind(tmp_path):
 def test_resume_auto_with_no_run_of_its_kind(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(DiffuseError, match="no run of a diffusion model"):
-        train_job.resolve_resume(compose_cfg("train", ["resume=auto"]), tmp_path, [])
+        resume_checkpoint(compose_cfg("train", ["resume=auto"]), tmp_path, "diffusion")
+
+
+def test_resume_self_continues_this_folder_or_starts_afresh(tmp_path):
+    """resume=self (a requeued or restarted job): its own folder's checkpoint if there is one, else fresh."""
+    assert _train(tmp_path, "run", ["trainer.max_steps=2", "resume=self"])["step"] == 2
+    summary = _train(tmp_path, "run", ["trainer.max_steps=3", "resume=self"], cli=["trainer.max_steps=3"])
+    assert summary["step"] == 3  # continued from step 2 (the EMA counter says so), not from 0
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")["ema"]["num_updates"] == 3

@@ -13,8 +13,10 @@ from omegaconf import DictConfig, OmegaConf
 from diffuse.building import build
 from diffuse.errors import DiffuseError
 from diffuse.tracking import Tracker
-from diffuse.training.checkpoint import KINDS, latest_run, load_checkpoint
+from diffuse.training.checkpoint import KINDS, latest_run, load_checkpoint, run_folder_of, run_kind
 from diffuse.training.distributed import broadcast_object, cleanup, init_distributed
+from diffuse.validation import validate
+from diffuse.training.export import is_export, read_export, run_config
 
 log = logging.getLogger(__name__)
 
@@ -55,18 +57,87 @@ def build_dataset(cfg: DictConfig, device: torch.device | None = None):
     return dataset
 
 
-def run_trainer_process(cfg: DictConfig, run_dir: Path, state: dict | None, train: Callable) -> dict:
-    """The process around a trainer: checks dim, picks the device, joins the torchrun group if any (a GPU per
-    process), shares rank 0's run dir, seeds per rank, then `train(cfg, run_dir, state, device, dist)`;
-    the group is always left."""
+def on_rank0(fn: Callable, dist):
+    """fn() on rank 0, its result (or its one-line error) on every rank."""
+    outcome = None
+    if dist.is_main:
+        try:
+            outcome = ("ok", fn())
+        except DiffuseError as e:
+            outcome = ("error", str(e))
+    kind, value = broadcast_object(outcome, dist)
+    if kind == "error":
+        raise DiffuseError(value)
+    return value
+
+
+def run_trainer_process(cfg: DictConfig, run_dir: Path, overrides: list[str], kind: str, train: Callable) -> dict:
+    """The process around a trainer: checks dim, picks the device, joins the process group if any (a GPU per
+    process), takes rank 0's run dir and rank 0's choice of the checkpoint to resume (auto and self look at
+    the file system, which ranks may see differently), merges and checks a resumed run's config, seeds per
+    rank, then `train(cfg, run_dir, state, device, dist)`; the group is always left."""
     check_dim(cfg)
-    dist, device = init_distributed(resolve_device(cfg.device))
+    dist, device = init_distributed(resolve_device(cfg.device), cfg.trainer.get("dist_timeout_min", 60))
     try:
         run_dir = Path(broadcast_object(str(run_dir), dist))
+        if cfg.get("resume"):
+            cfg.resume = on_rank0(lambda: resume_checkpoint(cfg, run_dir, kind), dist)
+        cfg, run_dir, state = resolve_resume(cfg, run_dir, overrides, kind)
+        if state is not None:
+            validate(cfg, "train" if kind == "diffusion" else "train_vae")  # the merged config
         torch.manual_seed(cfg.seed + dist.rank)
         return train(cfg, run_dir, state, device, dist)
     finally:
         cleanup(dist)
+
+
+# Groups whose choice defines the run: a resumed run keeps them from its checkpoint.
+RUN_DEFINING = ("model", "schedule", "dataset", "dim", "objective", "conditional", "latent")
+
+
+def merge_resume_config(saved: dict, cfg: DictConfig, overrides: list[str]) -> DictConfig:
+    """The resumed run's config: the checkpoint's, plus the scalar overrides given on this command line
+    (e.g. trainer.max_steps=…). Changing what defines the run (model, data, schedule…) is refused."""
+    merged = OmegaConf.create(saved)
+    for item in overrides:
+        key = item.split("=", 1)[0].lstrip("+~")
+        if key == "resume" or key.startswith("hydra."):
+            continue
+        if key.split(".")[0] in RUN_DEFINING:
+            raise DiffuseError(f"cannot change {key!r} when resuming: the run keeps its {key.split('.')[0]}; "
+                               "start a new run instead")
+        # a group choice (logger=none) replaces the whole node; a value (trainer.max_steps=…) just itself
+        OmegaConf.update(merged, key, OmegaConf.select(cfg, key), force_add=True, merge=False)
+    return merged
+
+
+def resume_checkpoint(cfg: DictConfig, run_dir: Path, kind: str) -> str | None:
+    """The checkpoint `resume` names: auto = the run of `kind` under outputs/ (re)started last; self = this
+    run folder's own last.ckpt if it has one (a requeued or restarted job), else None (a fresh start);
+    PATH = a checkpoint file or run folder."""
+    if cfg.resume == "self":
+        own = run_dir / "checkpoints" / "last.ckpt"
+        return str(own) if own.is_file() and run_kind(run_dir) == kind else None
+    return str(find_checkpoint(None if cfg.resume in ("auto", True) else str(cfg.resume), kind, for_resume=True))
+
+
+def resolve_resume(cfg: DictConfig, run_dir: Path, overrides: list[str],
+                   kind: str = "diffusion") -> tuple[DictConfig, Path, dict | None]:
+    """With `resume` a concrete checkpoint path (see resume_checkpoint): the resumed run's merged config, its
+    folder and state. A checkpoint inside a run folder continues there; any other file (a copy in ~/) starts
+    a new run folder from its state instead of writing next to it."""
+    if not cfg.get("resume") or cfg.resume == "self":
+        return cfg, run_dir, None
+    path = find_checkpoint(str(cfg.resume), kind, for_resume=True)
+    state = load_checkpoint(path, kind=kind, allow_targets=cfg.get("allow_targets") or ())
+    merged = merge_resume_config(state["config"], cfg, overrides)
+    merged.resume = str(path)
+    folder = run_folder_of(path)
+    if folder is None:
+        log.info("%s is not inside a run folder: continuing its run in %s", path, run_dir)
+    log.info("resuming %s from step %d", path, state["step"])
+    return merged, folder or run_dir, state
+
 
 
 def build_tracker(cfg: DictConfig, run_dir: Path, config_dict: dict, state: dict | None, is_main: bool):
@@ -104,11 +175,19 @@ def find_checkpoint(spec: str | None, kind: str = "diffusion", for_resume: bool 
                                "nothing to resume there; pass resume=PATH for another run, or start afresh")
         return path
     path = Path(spec).expanduser()
+    if path.suffix == ".safetensors" and is_export(path.parent):  # the export's weights file: its folder
+        path = path.parent
     if path.is_dir():
         candidate = path / "checkpoints" / "last.ckpt"
         if candidate.is_file():
             return candidate
-        raise DiffuseError(f"no checkpoints/last.ckpt in run folder {path}")
+        if is_export(path):  # `diffuse export`'s folder: weights for sampling, nothing to resume
+            if for_resume or kind != "diffusion":
+                raise DiffuseError(f"{path} is a `diffuse export` folder (weights only): it cannot be resumed; "
+                                   f"start a new run from it with init_from={path}")
+            return path
+        raise DiffuseError(f"no checkpoints/last.ckpt in run folder {path} (nor config.json + "
+                           "model.safetensors of a `diffuse export`)")
     if not path.exists():
         raise DiffuseError(f"checkpoint not found: {path}")
     return path
@@ -116,9 +195,9 @@ def find_checkpoint(spec: str | None, kind: str = "diffusion", for_resume: bool 
 
 @dataclass
 class LoadedRun:
-    """A trained run rebuilt from its checkpoint alone."""
+    """A trained run rebuilt from its checkpoint (or `diffuse export` folder) alone."""
 
-    path: Path
+    path: Path  # the checkpoint file, or the export folder
     config: DictConfig
     model: torch.nn.Module  # the EMA weights, in eval mode
     schedule: object
@@ -127,8 +206,11 @@ class LoadedRun:
 
 
 def load_run(spec: str | None, device: torch.device, use_ema: bool = True, allow_targets=()) -> LoadedRun:
-    """A diffusion checkpoint (vetted: see load_checkpoint) → its model with the EMA or raw weights."""
+    """A diffusion checkpoint (vetted: see load_checkpoint) or a `diffuse export` folder (its config.json vetted
+    the same way, before anything is built) → its model with the EMA or raw weights."""
     path = find_checkpoint(spec, "diffusion")
+    if path.is_dir():
+        return _load_export(path, device, use_ema, allow_targets)
     state = load_checkpoint(path, kind="diffusion", allow_targets=allow_targets)
     cfg = OmegaConf.create(state["config"])
     model = build(cfg.model, "model")
@@ -141,3 +223,29 @@ def load_run(spec: str | None, device: torch.device, use_ema: bool = True, allow
     schedule = build(cfg.schedule, "schedule")
     log.info("loaded %s (step %d)", path, state["step"])
     return LoadedRun(path=path, config=cfg, model=model, schedule=schedule, step=int(state["step"]), state=state)
+
+
+def _load_export(folder: Path, device: torch.device, use_ema: bool, allow_targets) -> LoadedRun:
+    """A `diffuse export` folder as a LoadedRun: config.json vetted by check_targets before the model is built,
+    weights from safetensors; `state` carries what sampling reads from a checkpoint (config, class names,
+    the VAE record of a latent run)."""
+    meta, weights, vae_weights = read_export(folder, allow_targets)
+    if not use_ema and meta.get("weights") == "ema":
+        log.warning("%s holds the EMA weights only (exported with use_ema=true): sampling those", folder)
+    config = run_config(meta)
+    cfg = OmegaConf.create(config)
+    model = build(cfg.model, "model")
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        raise DiffuseError(f"{folder}/model.safetensors does not match its config.json's model: "
+                           f"{str(e).splitlines()[0]}") from None
+    model.to(device).eval().requires_grad_(False)
+    schedule = build(cfg.schedule, "schedule")
+    state = {"step": int(meta.get("step") or 0), "config": config, "class_names": meta.get("class_names") or [],
+             "kind": "diffusion"}
+    if vae_weights is not None:
+        state["latent_vae"] = {"config": meta["vae"]["config"], "weights": vae_weights,
+                               "path": str(meta["vae"].get("source") or folder), "step": meta["vae"].get("step", 0)}
+    log.info("loaded export %s (step %d, %s weights)", folder, state["step"], meta.get("weights", "?"))
+    return LoadedRun(path=folder, config=cfg, model=model, schedule=schedule, step=state["step"], state=state)

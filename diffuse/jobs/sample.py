@@ -1,7 +1,8 @@
 """`diffuse sample` (and `diffuse animate`): rebuild a run from its checkpoint, draw samples, save them.
 
 Writes into its own run dir: samples.npz (x [N, C, *spatial] fp32 in [−1, 1], y [N] when conditional),
-grid.png (a row per class when conditional) and, with animation.enabled, animation.gif|mp4.
+grid.png (a row per class when conditional), sample.png (the first sample alone, at the data's own size) and,
+with animation.enabled, animation.gif|mp4. `checkpoint` may also be a `diffuse export` folder.
 """
 
 from __future__ import annotations
@@ -82,6 +83,8 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> d
                                               view=cfg.view)
     else:
         paths["grid"] = media.save_grid(x, run_dir / "grid.png", view=cfg.view)
+    # the first sample alone at the data's own size (the Flowers seed's generated_pixel_diffusion.png)
+    paths["sample"] = media.save_sample_image(x, run_dir / "sample.png", view=cfg.view)
     if anim.enabled:
         frames = [decode(s) for s in out.states]
         paths["animation"] = media.save_animation(frames, run_dir / f"animation.{anim.format}",

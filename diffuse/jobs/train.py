@@ -11,58 +11,34 @@ from diffuse import media
 from diffuse.data.loader import BatchStream
 from diffuse.diffusion.generation import class_labels, generate
 from diffuse.diffusion.objectives import DiffusionLoss
-from diffuse.errors import DiffuseError
-from diffuse.jobs.common import (build, build_dataset, build_tracker, data_shape, find_checkpoint,
-                                 run_trainer_process)
-from diffuse.latent import LatentDataset, unclipped_in_latent_space, use_latent_space
-from diffuse.training.checkpoint import load_checkpoint, run_folder_of
+from diffuse.jobs.common import build, build_dataset, build_tracker, data_shape, run_trainer_process
+from diffuse.latent import LATENT_DATASET, LatentDataset, unclipped_in_latent_space, use_latent_space
+from diffuse.training.init_weights import start_from_weights
+from diffuse.training.heldout import HeldOutLoss
 from diffuse.training.loop import Trainer, TrainerConfig, prepare_training
-from diffuse.validation import check_model_fits_data, validate
+from diffuse.validation import check_model_fits_data
 
 log = logging.getLogger(__name__)
 
-# Groups whose choice defines the run: a resumed run keeps them from its checkpoint.
-RUN_DEFINING = ("model", "schedule", "dataset", "dim", "objective", "conditional", "latent")
-
-
-def merge_resume_config(saved: dict, cfg: DictConfig, overrides: list[str]) -> DictConfig:
-    """The resumed run's config: the checkpoint's, plus the scalar overrides given on this command line
-    (e.g. trainer.max_steps=…). Changing what defines the run (model, data, schedule…) is refused."""
-    merged = OmegaConf.create(saved)
-    for item in overrides:
-        key = item.split("=", 1)[0].lstrip("+~")
-        if key == "resume" or key.startswith("hydra."):
-            continue
-        if key.split(".")[0] in RUN_DEFINING:
-            raise DiffuseError(f"cannot change {key!r} when resuming: the run keeps its {key.split('.')[0]}; "
-                               "start a new run instead")
-        # a group choice (logger=none) replaces the whole node; a value (trainer.max_steps=…) just itself
-        OmegaConf.update(merged, key, OmegaConf.select(cfg, key), force_add=True, merge=False)
-    return merged
-
-
-def resolve_resume(cfg: DictConfig, run_dir: Path, overrides: list[str],
-                   kind: str = "diffusion") -> tuple[DictConfig, Path, dict | None]:
-    """resume: null (fresh run) | auto (the run of `kind` under outputs/ (re)started last) | PATH (checkpoint
-    file or run folder). A checkpoint inside a run folder continues there; any other file (a copy in ~/)
-    starts a new run folder from its state instead of writing next to it."""
-    if not cfg.get("resume"):
-        return cfg, run_dir, None
-    path = find_checkpoint(None if cfg.resume in ("auto", True) else str(cfg.resume), kind, for_resume=True)
-    state = load_checkpoint(path, kind=kind, allow_targets=cfg.get("allow_targets") or ())
-    merged = merge_resume_config(state["config"], cfg, overrides)
-    merged.resume = str(path)
-    folder = run_folder_of(path)
-    if folder is None:
-        log.info("%s is not inside a run folder: continuing its run in %s", path, run_dir)
-    log.info("resuming %s from step %d", path, state["step"])
-    return merged, folder or run_dir, state
-
-
 def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> dict:
-    cfg, run_dir, state = resolve_resume(cfg, Path(run_dir), overrides or [])
-    validate(cfg, "train")  # the resumed run's merged config; app.py checked the composed one
-    return run_trainer_process(cfg, run_dir, state, _train)
+    return run_trainer_process(cfg, Path(run_dir), overrides or [], "diffusion", _train)
+
+
+def heldout_dataset(cfg: DictConfig, n: int):
+    """The held-out items of the validation loss: the dataset's test split where it has splits, `shapes` from
+    another seed range; None for data with neither (the loss then uses training items, with a warning)."""
+    node = OmegaConf.to_container(cfg.dataset, resolve=True)
+    latent = node.get("_target_") == LATENT_DATASET
+    inner = node["data"] if latent else node
+    if "split" in inner:
+        inner["split"] = "test"
+    elif inner.get("_target_", "").endswith(".ShapesDataset"):
+        inner.update(seed=int(inner.get("seed", 0)) + 1_000_003, size=n)  # indices never seen in training
+    else:
+        return None
+    if latent:
+        node["cache"] = False  # encode only the items used
+    return build(node, "held-out dataset")
 
 
 def _train(cfg, run_dir, state, device, dist) -> dict:
@@ -70,6 +46,8 @@ def _train(cfg, run_dir, state, device, dist) -> dict:
 
     use_latent_space(cfg)  # latent.vae=PATH: cfg.dataset becomes that VAE's latents of the data
     model = build(cfg.model, "model")
+    if cfg.get("init_from") and state is None:  # a new run from another run's weights (fresh optimizer, EMA, step)
+        start_from_weights(model, cfg, dist.is_main)
     shape = (int(cfg.dataset.channels), *[int(cfg.dataset.resolution)] * int(cfg.dim))
     check_model_fits_data(model, shape, int(getattr(model, "num_classes", 0) or 0),
                           f"data of shape {shape} (dataset.channels, dataset.resolution)")
@@ -113,6 +91,10 @@ def _train(cfg, run_dir, state, device, dist) -> dict:
             media.save_grid(shown, path)
         tracker.log_image("samples", path, step)
         log.info("step %d: samples → %s", step, path)
+        # the seed's table of grids by epoch: samples/README.md + index.html, and a W&B table step → grid
+        rows = media.write_sample_index(path.parent, step, data.epoch + data.position / data.batches_per_epoch)
+        tracker.log_table("sample_grids", ["step", "epoch", "grid"],
+                          [[r["step"], r["epoch"], str(path.parent / r["file"])] for r in rows], step, ("grid",))
         if final:
             fps = 10
             states = [latent.decode(z) for z in out.states] if latent else out.states
@@ -121,11 +103,17 @@ def _train(cfg, run_dir, state, device, dist) -> dict:
             tracker.log_video("denoising", anim, step, fps=fps)
             log.info("animation → %s", anim)
 
+    heldout = heldout_dataset(cfg, int(tcfg.val_items)) if tcfg.val_items else None
+    if tcfg.val_items and heldout is None and dist.is_main:
+        log.warning("dataset has no test split: the validation loss is measured on training items")
+    validator = HeldOutLoss(heldout or dataset, schedule, cfg.objective.prediction, n=int(tcfg.val_items),
+                            batch_size=tcfg.batch_size, device=device) if tcfg.val_items else None
     extra_state = {"wandb_id": tracker.run_id or "", "class_names": class_names,
                    **(latent.checkpoint_state() if latent else {})}
     trainer = Trainer(train_model, loss_fn, schedule, data, optimizer, lr_scheduler, ema,
                       TrainerConfig.from_config(tcfg, max_steps), run_dir, tracker, dist, device, cfg.seed, config_dict,
-                      on_sample=on_sample if tcfg.sample_every else None, kind="diffusion", extra_state=extra_state)
+                      on_sample=on_sample if tcfg.sample_every else None, kind="diffusion", extra_state=extra_state,
+                      validator=validator)
     if state is not None:
         trainer.load_state_dict(state)
     if dist.is_main:

@@ -19,7 +19,6 @@ from diffuse import media
 from diffuse.data.loader import BatchStream
 from diffuse.errors import DiffuseError
 from diffuse.jobs.common import build, build_dataset, build_tracker, run_trainer_process
-from diffuse.jobs.train import resolve_resume
 from diffuse.models.vae import VAELoss
 from diffuse.tracking import Tracker
 from diffuse.training.loop import Trainer, TrainerConfig, prepare_training
@@ -50,8 +49,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> d
             if key.split(".")[0] in VAE_RUN_DEFINING:
                 raise DiffuseError(f"cannot change {key!r} when resuming: the run keeps its {key.split('.')[0]}; "
                                    "start a new run instead")
-    cfg, run_dir, state = resolve_resume(cfg, Path(run_dir), overrides, kind="vae")
-    return run_trainer_process(cfg, run_dir, state, _train_vae)
+    return run_trainer_process(cfg, Path(run_dir), overrides, "vae", _train_vae)
 
 
 def reconstruction_grid(x: torch.Tensor, recon: torch.Tensor, path: Path, per_row: int = 8) -> Path:

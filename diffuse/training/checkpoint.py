@@ -17,6 +17,7 @@ import json
 import os
 import pickle
 import re
+import struct
 import zipfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -72,7 +73,8 @@ def load_checkpoint(path: str | Path, map_location="cpu", kind: str | None = Non
         raise DiffuseError(f"checkpoint not found: {path}")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError, OSError) as e:
+    except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError, OSError,
+            struct.error, KeyError, IndexError, TypeError, AttributeError) as e:  # a malformed pickle raises any
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DiffuseError(f"cannot read checkpoint {path}: corrupt or not a PyTorch file ({first[:200]})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:

@@ -25,6 +25,7 @@ from diffuse.training.checkpoint import (mark_run, non_finite, prune_checkpoints
                                          set_rng_state)
 from diffuse.training.distributed import DistInfo, all_gather_object, barrier
 from diffuse.training.ema import EMA
+from diffuse.training.stopping import TIME_BUDGET, Interrupted, StopRequest, parse_max_time
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +104,9 @@ class TrainerConfig:
     precision: str = "fp32"
     keep_checkpoints: int | None = 3
     max_nonfinite_steps: int = 20
+    max_time_s: float | None = None     # the time budget: stop cleanly (checkpoint, grid) when spent
+    val_every: int = 0                  # held-out loss every N steps (0: only at the end, when a validator is set)
+    grad_accum_steps: int = 1           # micro-batches per optimizer step
 
     @classmethod
     def from_config(cls, tcfg, max_steps: int) -> "TrainerConfig":
@@ -110,7 +114,9 @@ class TrainerConfig:
         return cls(max_steps=max_steps, log_every=tcfg.log_every, checkpoint_every=tcfg.checkpoint_every,
                    sample_every=tcfg.sample_every, grad_clip=tcfg.grad_clip, precision=tcfg.precision,
                    keep_checkpoints=tcfg.get("keep_checkpoints", 3),
-                   max_nonfinite_steps=tcfg.get("max_nonfinite_steps", 20))
+                   max_nonfinite_steps=tcfg.get("max_nonfinite_steps", 20),
+                   max_time_s=parse_max_time(tcfg.get("max_time")), val_every=tcfg.get("val_every") or 0,
+                   grad_accum_steps=tcfg.get("grad_accum_steps") or 1)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -132,19 +138,20 @@ HYPERPARAMETERS = ("lr", "initial_lr", "max_lr", "min_lr", "weight_decay", "beta
 class Trainer:
     """Owns model, EMA, optimizer, LR schedule, data stream and loss RNG; `fit()` runs to max_steps.
 
-    kind: what the checkpoints hold ("diffusion" | "vae"); extra_state: more entries for every checkpoint."""
+    kind: what the checkpoints hold ("diffusion" | "vae"); extra_state: more entries for every checkpoint;
+    validator(ema_model) -> metrics: the held-out score, every `val_every` steps and at the end."""
 
     def __init__(self, model: nn.Module, loss_fn: Callable, schedule, data, optimizer, lr_scheduler,
                  ema: EMA, cfg: TrainerConfig, run_dir: Path, tracker, dist: DistInfo,
                  device: torch.device, seed: int, config_dict: dict,
                  on_sample: Callable[[int, nn.Module], None] | None = None, kind: str = "diffusion",
-                 extra_state: dict | None = None):
+                 extra_state: dict | None = None, validator: Callable[[nn.Module], dict] | None = None):
         if cfg.precision not in PRECISIONS:
             raise DiffuseError(f"trainer.precision must be one of {', '.join(PRECISIONS)}; got {cfg.precision!r}")
         self.model, self.loss_fn, self.schedule, self.data = model, loss_fn, schedule, data
         self.optimizer, self.lr_scheduler, self.ema, self.cfg = optimizer, lr_scheduler, ema, cfg
         self.run_dir, self.tracker, self.dist, self.device = Path(run_dir), tracker, dist, device
-        self.config_dict, self.on_sample, self.kind = config_dict, on_sample, kind
+        self.config_dict, self.on_sample, self.kind, self.validator = config_dict, on_sample, kind, validator
         self.extra_state = dict(extra_state or {})
         self.step = 0
         self.skipped_steps = 0  # optimizer steps skipped for a non-finite gradient, in all
@@ -250,6 +257,12 @@ class Trainer:
         if bad:
             raise DiffuseError(f"the {' and '.join(bad)} state holds NaN/inf at step {self.step}: not written; "
                                f"last good checkpoint kept: {self._kept()}")
+        if self.dist.enabled:  # DDP keeps the replicas equal; a checkpoint is rank 0's, so make sure
+            total = float(sum(p.detach().double().sum() for p in self.raw_model.parameters()))
+            sums = all_gather_object(total, self.dist)
+            if len(set(sums)) > 1:
+                raise DiffuseError(f"the {self.dist.world_size} ranks disagree on the weights at step {self.step} "
+                                   f"(parameter sums {sums}): not written; last good checkpoint kept: {self._kept()}")
         state = self.state_dict()
         if self.dist.is_main:
             folder = self.checkpoint_path.parent
@@ -274,21 +287,28 @@ class Trainer:
             raise DiffuseError(f"loss became {value} by step {self.step}: training stopped; last good "
                                f"checkpoint kept: {self._kept()}")
 
-    def train_step(self, x0, y) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        """One optimizer step. Returns (loss, grad norm, taken). A non-finite gradient norm (a NaN or inf
-        loss, or a finite loss whose backward overflowed) skips the update, LR step and EMA, as a GradScaler
-        does: DDP has all-reduced the gradients, so every rank sees the same norm and skips alike."""
+    def train_step(self, batches) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """One optimizer step over `batches` [(x0, y), …] (grad_accum_steps micro-batches; under DDP the
+        gradients are all-reduced on the last one only). Returns (mean loss, grad norm, taken). A non-finite
+        gradient norm (a NaN or inf loss, or a finite loss whose backward overflowed) skips the update, LR
+        step and EMA, as a GradScaler does: DDP has all-reduced the gradients, so every rank sees the same
+        norm and skips alike."""
         self.model.train()
-        with self._autocast():
-            loss = self.loss_fn(self.model, self.schedule, x0, y, self.loss_generator)
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        total = torch.zeros((), device=self.device)
+        for i, (x0, y) in enumerate(batches):
+            sync = i == len(batches) - 1 or not hasattr(self.model, "no_sync")
+            with contextlib.nullcontext() if sync else self.model.no_sync():
+                with self._autocast():
+                    loss = self.loss_fn(self.model, self.schedule, x0, y, self.loss_generator) / len(batches)
+                self.scaler.scale(loss).backward()
+            total += loss.detach()
         self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), float("inf"))
         if not bool(torch.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.update()  # fp16: a smaller loss scale next time
-            return loss.detach(), grad_norm.detach(), False
+            return total, grad_norm.detach(), False
         if self.cfg.grad_clip:
             torch.nn.utils.clip_grads_with_norm_(self.model.parameters(), self.cfg.grad_clip, grad_norm)
         self.scaler.step(self.optimizer)
@@ -296,22 +316,46 @@ class Trainer:
         self.lr_scheduler.step()
         self.ema.update(self.raw_model)
         self.step += 1
-        return loss.detach(), grad_norm.detach(), True
+        return total, grad_norm.detach(), True
+
+    @property
+    def resume_hint(self) -> str:
+        job = "train-vae" if self.kind == "vae" else "train"
+        return f"resume with `diffuse {job} resume={self.run_dir}`"
 
     def fit(self) -> dict:
+        """Train to max_steps, or until the time budget is spent or a signal asks to stop (then checkpoint;
+        a signal ends in Interrupted after the checkpoint, the budget in a normal return)."""
         cfg = self.cfg
         if self.dist.is_main:
             mark_run(self.run_dir, self.kind)
+        with StopRequest(self.dist, self.device, cfg.max_time_s) as stop:
+            summary = self._loop(stop)
+            reason = summary.pop("stop_code")
+            if reason and reason != TIME_BUDGET:
+                message = f"stopped by {stop.describe(reason)} at step {self.step}; {self.resume_hint}"
+                if self.dist.is_main:
+                    log.warning(message)
+                stop.chain(reason)  # a launcher's own handler (submitit: requeue) after our checkpoint
+                raise Interrupted(message, stop.signal_of(reason))
+        if reason == TIME_BUDGET and self.dist.is_main:
+            log.info("time budget (trainer.max_time) spent at step %d of %d; %s", self.step, cfg.max_steps,
+                     self.resume_hint)
+        return summary
+
+    def _loop(self, stop: StopRequest) -> dict:
+        cfg = self.cfg
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not self.dist.is_main, desc="train",
                    dynamic_ncols=True)
         loss_sum = torch.zeros((), device=self.device)
         grad_sum = torch.zeros((), device=self.device)
         count, images, t0, skipped_in_row = 0, 0, time.perf_counter(), 0
-        last_loss = float("nan")
-        while self.step < cfg.max_steps:
-            x0, y = next(self.data)
-            loss, grad_norm, taken = self.train_step(x0, y)
-            images += x0.shape[0] * self.dist.world_size
+        last_loss, reason, val = float("nan"), 0, {}
+        while self.step < cfg.max_steps and not reason:
+            batches = [next(self.data) for _ in range(cfg.grad_accum_steps)]
+            loss, grad_norm, taken = self.train_step(batches)
+            images += sum(x0.shape[0] for x0, _ in batches) * self.dist.world_size
+            reason = stop.check()
             if not taken:
                 self.skipped_steps += 1
                 skipped_in_row += 1
@@ -321,34 +365,44 @@ class Trainer:
                     raise DiffuseError(f"{what} at step {self.step + 1}, {skipped_in_row} steps in a row "
                                        f"(trainer.max_nonfinite_steps): training stopped; last good checkpoint "
                                        f"kept: {self._kept()}")
-                continue
-            skipped_in_row = 0
-            loss_sum += loss
-            grad_sum += grad_norm
-            count += 1
-            bar.update(1)
-            at_end = self.step == cfg.max_steps
-            if self.step % cfg.log_every == 0 or at_end:
+                if not reason:
+                    continue
+            else:
+                skipped_in_row = 0
+                loss_sum += loss
+                grad_sum += grad_norm
+                count += 1
+                bar.update(1)
+            at_end = self.step == cfg.max_steps or bool(reason)
+            validating = (self.validator is not None and (not reason or reason == TIME_BUDGET)
+                          and ((cfg.val_every and self.step % cfg.val_every == 0) or at_end))
+            if validating:  # logged with the step's other metrics: one metrics.jsonl line per step
+                val = self.validator(self.ema.model)
+            if count and (self.step % cfg.log_every == 0 or at_end):
                 self._check_finite(loss_sum)
                 dt = time.perf_counter() - t0
                 last_loss = float(loss_sum) / count
                 metrics = {"loss": last_loss, "grad_norm": float(grad_sum) / count,
                            "lr": self.optimizer.param_groups[0]["lr"], "images_per_s": images / dt,
-                           "epoch": self.data.epoch, "skipped_steps": self.skipped_steps}
+                           "epoch": self.data.epoch, "skipped_steps": self.skipped_steps, **(val if validating else {})}
                 self.tracker.log(metrics, self.step)
+                validating = False
                 bar.set_postfix(loss=f"{last_loss:.4f}")
                 loss_sum.zero_(), grad_sum.zero_()
                 count, images, t0 = 0, 0, time.perf_counter()
             if self.step % cfg.checkpoint_every == 0 or at_end:
-                self._check_finite(loss_sum) if count else None
                 self.save()
+            if reason and reason != TIME_BUDGET:
+                break  # a signal: the checkpoint is written; no validation or grid in the grace period
+            if validating:
+                self.tracker.log(val, self.step)
             if self.on_sample is not None and (self.step % cfg.sample_every == 0 or at_end):
                 if self.dist.is_main:
                     self.on_sample(self.step, self.ema.model)
                 barrier(self.dist)
         bar.close()
         return {"step": self.step, "loss": last_loss, "checkpoint": str(self.checkpoint_path),
-                "skipped_steps": self.skipped_steps}
+                "skipped_steps": self.skipped_steps, **val, "stop_code": reason}
 
 
 def _as_tuple(value) -> tuple:

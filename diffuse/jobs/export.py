@@ -1,0 +1,39 @@
+"""`diffuse export`: a trained diffusion checkpoint → model.safetensors + config.json (+ vae.safetensors for a
+latent run, so that the folder decodes its samples alone), in `out` (default: this job's run folder).
+
+The folder loads without diffuse's checkpoint format (safetensors + JSON: see diffuse/training/export.py),
+and `diffuse sample checkpoint=FOLDER` / `diffuse evaluate checkpoint=FOLDER` / `diffuse train init_from=FOLDER`
+take it as they take a checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from diffuse.errors import DiffuseError
+from diffuse.jobs.common import find_checkpoint
+from diffuse.latent import CHECKPOINT_KEY, is_latent_run, read_vae_checkpoint
+from diffuse.training.checkpoint import load_checkpoint
+from diffuse.training.export import write_export
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> dict:
+    path = find_checkpoint(cfg.checkpoint, "diffusion")
+    if path.is_dir():
+        raise DiffuseError(f"{path} is already a `diffuse export` folder")
+    state = load_checkpoint(path, kind="diffusion", allow_targets=cfg.get("allow_targets") or ())
+    if is_latent_run(state["config"]) and CHECKPOINT_KEY not in state:  # older latent runs: the VAE by path
+        state[CHECKPOINT_KEY] = read_vae_checkpoint(state["config"]["latent"]["vae"])
+    out = Path(str(cfg.out)).expanduser() if cfg.get("out") else Path(run_dir)
+    paths = write_export(out, state, use_ema=bool(cfg.use_ema), source=str(path.resolve()))
+    log.info("exported %s (step %d) → %s", path, int(state["step"]), out)
+    for name, p in paths.items():
+        print(f"{name}: {p}")
+    print(f"export: {out}")
+    return {"checkpoint": str(path), "step": int(state["step"]), "export": str(out),
+            **{k: str(v) for k, v in paths.items()}}
