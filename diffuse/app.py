@@ -116,6 +116,10 @@ def launch(config_name: str, overrides: list[str]) -> None:
                            "returns none here: set optimized_metric")
             elif optimizing and cfg.optimized_metric == "val_loss" and not cfg.trainer.get("val_items"):
                 problem = "optimized_metric=val_loss needs the validation loss: trainer.val_items > 0"
+            elif optimizing and cfg.optimized_metric in ("fd", "fid") and (
+                    not cfg.trainer.get("eval_every") or cfg.trainer.get("eval_metric") != cfg.optimized_metric):
+                problem = (f"optimized_metric={cfg.optimized_metric} needs trainer.eval_every > 0 and "
+                           f"trainer.eval_metric={cfg.optimized_metric}")
             if problem:
                 print(f"diffuse {config_name}: error: {problem}", file=sys.stderr)
                 sys.exit(1)

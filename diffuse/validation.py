@@ -21,7 +21,7 @@ from diffuse.errors import DiffuseError
 from diffuse.training.stopping import parse_max_time
 
 SPACINGS = ("auto", "linspace", "leading", "trailing", "karras", "logsnr")
-TRAIN_METRICS = ("val_loss", "loss")  # the summary values of `diffuse train` a sweep can optimise
+TRAIN_METRICS = ("val_loss", "loss", "fd", "fid")  # the summary values of `diffuse train` a sweep can optimise
 
 
 @dataclass(frozen=True)
@@ -119,7 +119,8 @@ TRAINER = {
     "log_every": Int(1), "checkpoint_every": Int(1), "keep_checkpoints": Int(0, nullable=True),
     "max_nonfinite_steps": Int(1), "sample_every": Int(0), "sample_steps": Int(1, nullable=True),
     "num_sample_images": Int(1), "final_animation": BOOL, "val_every": Int(0), "val_items": Int(0),
-    "grad_accum_steps": Int(1), "dist_timeout_min": POSITIVE,
+    "grad_accum_steps": Int(1), "dist_timeout_min": POSITIVE, "eval_every": Int(0),
+    "eval_metric": Choice("fd", "fid"), "eval_num_samples": Int(2), "eval_sampler_steps": Int(1, nullable=True),
 }
 SAMPLER = {
     "steps": Int(1), "spacing": Choice(*SPACINGS), "guidance_scale": Float(0), "clip_x0": BOOL,

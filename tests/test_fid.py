@@ -201,3 +201,19 @@ def test_evaluate_refuses_1d_data_before_sampling(tmp_path, weights):
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "1-D" in lines[0] and "metrics=[fd]" in lines[0], proc.stderr
+
+
+# ----- during training: trainer.eval_every -------------------------------------------------------------------
+
+def test_fid_during_training_is_logged_and_returned(tmp_path, weights):
+    from diffuse.jobs import train as train_job
+    from conftest import TINY, compose_cfg
+
+    cfg = compose_cfg("train", TINY + ["trainer.max_steps=4", "trainer.eval_every=2", "trainer.eval_metric=fid",
+                                       "trainer.eval_num_samples=4", "trainer.eval_sampler_steps=2",
+                                       f"trainer.eval_inception_weights={weights}", "trainer.val_items=0"])
+    summary = train_job.run(cfg, tmp_path / "run", [])
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    fids = {r["step"]: r["fid"] for r in rows if "fid" in r}
+    assert sorted(fids) == [2, 4] and all(math.isfinite(v) for v in fids.values())
+    assert summary["fid"] == fids[4] and summary["eval_samples"] == 4

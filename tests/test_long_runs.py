@@ -138,3 +138,12 @@ def test_gradient_accumulation_takes_several_batches_per_step(tmp_path):
     assert summary["step"] == 3 and state["lr_scheduler"]["last_epoch"] == 3
     assert state["data"]["position"] == 6  # two micro-batches per optimizer step
     assert torch.isfinite(torch.tensor(summary["loss"]))
+
+
+def test_sample_quality_during_training_is_logged_and_returned(tmp_path):
+    summary = _train(tmp_path, "run", ["trainer.max_steps=4", "trainer.eval_every=2", "trainer.eval_num_samples=8",
+                                       "trainer.eval_sampler_steps=3", "trainer.log_every=2"])
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    fd = {r["step"]: r for r in rows if "fd" in r}
+    assert sorted(fd) == [2, 4] and fd[4]["eval_samples"] == 8 and "val_loss" in fd[4] and "loss" in fd[4]
+    assert summary["fd"] == fd[4]["fd"] > 0

@@ -5,17 +5,20 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from diffuse import media
 from diffuse.data.loader import BatchStream
 from diffuse.diffusion.generation import class_labels, generate
 from diffuse.diffusion.objectives import DiffusionLoss
+from diffuse.errors import DiffuseError
 from diffuse.jobs.common import build, build_dataset, build_tracker, data_shape, run_trainer_process
 from diffuse.latent import LATENT_DATASET, LatentDataset, unclipped_in_latent_space, use_latent_space
-from diffuse.training.init_weights import start_from_weights
 from diffuse.training.heldout import HeldOutLoss
+from diffuse.training.init_weights import start_from_weights
 from diffuse.training.loop import Trainer, TrainerConfig, prepare_training
+from diffuse.training.sample_quality import SampleQuality
 from diffuse.validation import check_model_fits_data
 
 log = logging.getLogger(__name__)
@@ -24,11 +27,14 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> d
     return run_trainer_process(cfg, Path(run_dir), overrides or [], "diffusion", _train)
 
 
-def heldout_dataset(cfg: DictConfig, n: int):
+def heldout_dataset(cfg: DictConfig, n: int, pixels: bool = False):
     """The held-out items of the validation loss: the dataset's test split where it has splits, `shapes` from
-    another seed range; None for data with neither (the loss then uses training items, with a warning)."""
+    another seed range; None for data with neither (the loss then uses training items, with a warning).
+    pixels: for a latent run, the data under the VAE rather than its latents."""
     node = OmegaConf.to_container(cfg.dataset, resolve=True)
     latent = node.get("_target_") == LATENT_DATASET
+    if latent and pixels:
+        node, latent = node["data"], False
     inner = node["data"] if latent else node
     if "split" in inner:
         inner["split"] = "test"
@@ -39,6 +45,23 @@ def heldout_dataset(cfg: DictConfig, n: int):
     if latent:
         node["cache"] = False  # encode only the items used
     return build(node, "held-out dataset")
+
+
+def sample_quality(cfg, dataset, schedule, sample_shape, num_classes, null_class, latent, device) -> SampleQuality:
+    """trainer.eval_every's scorer: `eval_num_samples` EMA samples (the run's sampler, `eval_sampler_steps`
+    steps) against as many held-out real images (data space: latent runs decode), by `eval_metric`."""
+    tcfg = cfg.trainer
+    n = int(tcfg.eval_num_samples)
+    reference = heldout_dataset(cfg, n, pixels=True) or (latent.data if latent else dataset)
+    if len(reference) < n:
+        raise DiffuseError(f"trainer.eval_num_samples={n} but the held-out data holds {len(reference)} items")
+    real = reference.get_batch(torch.arange(n), torch.Generator().manual_seed(0))[0]
+    sampler = unclipped_in_latent_space(build(cfg.sampler, "sampler"), latent is not None)
+    if tcfg.get("eval_sampler_steps"):
+        sampler.steps = int(tcfg.eval_sampler_steps)
+    return SampleQuality(tcfg.eval_metric, real, schedule, sampler, sample_shape, cfg.objective.prediction,
+                         num_classes, null_class, tcfg.batch_size, device, seed=cfg.seed,
+                         decode=latent.decode if latent else None, weights=tcfg.get("eval_inception_weights"))
 
 
 def _train(cfg, run_dir, state, device, dist) -> dict:
@@ -108,12 +131,14 @@ def _train(cfg, run_dir, state, device, dist) -> dict:
         log.warning("dataset has no test split: the validation loss is measured on training items")
     validator = HeldOutLoss(heldout or dataset, schedule, cfg.objective.prediction, n=int(tcfg.val_items),
                             batch_size=tcfg.batch_size, device=device) if tcfg.val_items else None
+    evaluator = sample_quality(cfg, dataset, schedule, sample_shape, num_classes, null_class, latent, device) \
+        if tcfg.eval_every else None
     extra_state = {"wandb_id": tracker.run_id or "", "class_names": class_names,
                    **(latent.checkpoint_state() if latent else {})}
     trainer = Trainer(train_model, loss_fn, schedule, data, optimizer, lr_scheduler, ema,
                       TrainerConfig.from_config(tcfg, max_steps), run_dir, tracker, dist, device, cfg.seed, config_dict,
                       on_sample=on_sample if tcfg.sample_every else None, kind="diffusion", extra_state=extra_state,
-                      validator=validator)
+                      validator=validator, evaluator=evaluator)
     if state is not None:
         trainer.load_state_dict(state)
     if dist.is_main:

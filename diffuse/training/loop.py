@@ -107,6 +107,7 @@ class TrainerConfig:
     max_time_s: float | None = None     # the time budget: stop cleanly (checkpoint, grid) when spent
     val_every: int = 0                  # held-out loss every N steps (0: only at the end, when a validator is set)
     grad_accum_steps: int = 1           # micro-batches per optimizer step
+    eval_every: int = 0                 # sample quality (FD / FID) every N steps (0: only at the end, if set)
 
     @classmethod
     def from_config(cls, tcfg, max_steps: int) -> "TrainerConfig":
@@ -116,7 +117,7 @@ class TrainerConfig:
                    keep_checkpoints=tcfg.get("keep_checkpoints", 3),
                    max_nonfinite_steps=tcfg.get("max_nonfinite_steps", 20),
                    max_time_s=parse_max_time(tcfg.get("max_time")), val_every=tcfg.get("val_every") or 0,
-                   grad_accum_steps=tcfg.get("grad_accum_steps") or 1)
+                   grad_accum_steps=tcfg.get("grad_accum_steps") or 1, eval_every=tcfg.get("eval_every") or 0)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -139,19 +140,22 @@ class Trainer:
     """Owns model, EMA, optimizer, LR schedule, data stream and loss RNG; `fit()` runs to max_steps.
 
     kind: what the checkpoints hold ("diffusion" | "vae"); extra_state: more entries for every checkpoint;
-    validator(ema_model) -> metrics: the held-out score, every `val_every` steps and at the end."""
+    validator(ema_model) -> metrics: the held-out score, every `val_every` steps and at the end (every rank);
+    evaluator(ema_model) -> metrics: sample quality, every `eval_every` steps and at the end (rank 0 draws)."""
 
     def __init__(self, model: nn.Module, loss_fn: Callable, schedule, data, optimizer, lr_scheduler,
                  ema: EMA, cfg: TrainerConfig, run_dir: Path, tracker, dist: DistInfo,
                  device: torch.device, seed: int, config_dict: dict,
                  on_sample: Callable[[int, nn.Module], None] | None = None, kind: str = "diffusion",
-                 extra_state: dict | None = None, validator: Callable[[nn.Module], dict] | None = None):
+                 extra_state: dict | None = None, validator: Callable[[nn.Module], dict] | None = None,
+                 evaluator: Callable[[nn.Module], dict] | None = None):
         if cfg.precision not in PRECISIONS:
             raise DiffuseError(f"trainer.precision must be one of {', '.join(PRECISIONS)}; got {cfg.precision!r}")
         self.model, self.loss_fn, self.schedule, self.data = model, loss_fn, schedule, data
         self.optimizer, self.lr_scheduler, self.ema, self.cfg = optimizer, lr_scheduler, ema, cfg
         self.run_dir, self.tracker, self.dist, self.device = Path(run_dir), tracker, dist, device
         self.config_dict, self.on_sample, self.kind, self.validator = config_dict, on_sample, kind, validator
+        self.evaluator = evaluator
         self.extra_state = dict(extra_state or {})
         self.step = 0
         self.skipped_steps = 0  # optimizer steps skipped for a non-finite gradient, in all
@@ -378,6 +382,11 @@ class Trainer:
                           and ((cfg.val_every and self.step % cfg.val_every == 0) or at_end))
             if validating:  # logged with the step's other metrics: one metrics.jsonl line per step
                 val = self.validator(self.ema.model)
+            if (self.evaluator is not None and (not reason or reason == TIME_BUDGET)
+                    and ((cfg.eval_every and self.step % cfg.eval_every == 0) or at_end)):
+                quality = self.evaluator(self.ema.model) if self.dist.is_main else {}
+                barrier(self.dist)
+                val, validating = {**(val if validating else {}), **quality}, True
             if count and (self.step % cfg.log_every == 0 or at_end):
                 self._check_finite(loss_sum)
                 dt = time.perf_counter() - t0
