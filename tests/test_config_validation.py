@@ -36,7 +36,7 @@ BAD = [  # (argv, the one line it must print)
     (["train", "model.channel_mult=[]"], r"model.channel_mult must be a non-empty list of integers"),
     (["train", "dim=4"], r"dim must be 1, 2 or 3; got 4"),
     (["train", "device=tpu"], r"device must be auto, cpu, cuda\[:N\] or mps; got 'tpu'"),
-    (["train", "trainer.precision=fp8"], r"trainer.precision must be one of fp32, bf16, fp16; got fp8"),
+    (["train", "trainer.precision=fp8"], r"trainer.precision must be one of fp32, bf16, fp16, auto; got fp8"),
     (["train", *TINY, "dataset.resolution=9"], r"data of shape \(1, 9, 9\) .* does not fit model UNet: .*divisible by 2"),
     (["train", *TINY, "trainer.batch_size=100", "trainer.max_steps=1"],
      r"trainer.batch_size=100 is more than the dataset's 64 items"),

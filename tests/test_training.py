@@ -214,3 +214,15 @@ def test_channels_last_choice_and_same_training(tmp_path):
         torch.testing.assert_close(runs["true"]["model"][key], value, rtol=1e-4, atol=1e-5, msg=key)
     losses = [_losses(tmp_path / flag) for flag in ("true", "false")]
     assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+
+
+def test_precision_auto_is_bf16_on_a_gpu_that_has_it(monkeypatch):
+    from diffuse.training.loop import build_optimizer, resolve_precision
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
+    assert resolve_precision("fp16", torch.device("cpu")) == "fp16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_precision("auto", torch.device("cuda")) == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert resolve_precision("auto", torch.device("cuda")) == "fp32"
+    opt = build_optimizer(torch.nn.Linear(2, 2), 1e-3, 0.0, (0.9, 0.999))
+    assert not opt.defaults.get("fused")  # the fused kernel is CUDA's

@@ -30,11 +30,22 @@ from diffuse.training.stopping import TIME_BUDGET, Interrupted, StopRequest, par
 log = logging.getLogger(__name__)
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """auto = bf16 on a CUDA GPU that has it (Ampere and newer: half the memory traffic, fp32's range, no
+    loss scaling), else fp32 (CPU autocast to bf16 is slower than fp32 on most CPUs)."""
+    if name != "auto":
+        return name
+    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
 LR_SCHEDULES = ("onecycle", "cosine", "constant")
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=tuple(betas))
+    """AdamW; on CUDA the fused kernel (one launch for all parameters instead of a few per tensor)."""
+    fused = all(p.is_cuda for p in model.parameters())
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=tuple(betas),
+                             fused=fused or None)
 
 
 def build_lr_scheduler(optimizer, name: str, max_steps: int, lr: float, warmup_steps: int = 0,
@@ -149,8 +160,9 @@ class Trainer:
                  on_sample: Callable[[int, nn.Module], None] | None = None, kind: str = "diffusion",
                  extra_state: dict | None = None, validator: Callable[[nn.Module], dict] | None = None,
                  evaluator: Callable[[nn.Module], dict] | None = None):
+        cfg.precision = resolve_precision(cfg.precision, device)
         if cfg.precision not in PRECISIONS:
-            raise DiffuseError(f"trainer.precision must be one of {', '.join(PRECISIONS)}; got {cfg.precision!r}")
+            raise DiffuseError(f"trainer.precision must be one of {', '.join(PRECISIONS)}, auto; got {cfg.precision!r}")
         self.model, self.loss_fn, self.schedule, self.data = model, loss_fn, schedule, data
         self.optimizer, self.lr_scheduler, self.ema, self.cfg = optimizer, lr_scheduler, ema, cfg
         self.run_dir, self.tracker, self.dist, self.device = Path(run_dir), tracker, dist, device
