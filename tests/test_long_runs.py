@@ -147,3 +147,17 @@ def test_sample_quality_during_training_is_logged_and_returned(tmp_path):
     fd = {r["step"]: r for r in rows if "fd" in r}
     assert sorted(fd) == [2, 4] and fd[4]["eval_samples"] == 8 and "val_loss" in fd[4] and "loss" in fd[4]
     assert summary["fd"] == fd[4]["fd"] > 0
+
+
+def test_a_second_ctrl_c_exits_at_once(tmp_path):
+    """Two SIGINTs 50 ms apart inside one slow step (the default 32² UNet, batch 64: ~0.5 s a step here): the
+    second ends the process at once, before the first's checkpoint is written."""
+    proc = _start([sys.executable, "-m", "diffuse", "train", "logger=none", "device=cpu", "trainer.log_every=1",
+                   "trainer.val_items=0", "trainer.sample_every=0", "trainer.checkpoint_every=100000"], tmp_path)
+    _wait_for_steps(tmp_path, 1, proc)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "stopped by" not in err and "Traceback" not in err
+    assert not list(tmp_path.glob("outputs/*/*/checkpoints/*.ckpt"))

@@ -142,9 +142,11 @@ def _train(cfg, run_dir, state, device, dist) -> dict:
     if state is not None:
         trainer.load_state_dict(state)
     if dist.is_main:
-        log.info("model %s: %.2fM parameters; %d steps of batch %d×%d on %s; run dir %s",
+        accum = int(tcfg.get("grad_accum_steps") or 1)
+        log.info("model %s: %.2fM parameters; %d steps of batch %d×%d%s (global batch %d) on %s; run dir %s",
                  cfg.model._target_.rsplit(".", 1)[-1], n_params / 1e6, max_steps, tcfg.batch_size,
-                 dist.world_size, device, run_dir)
+                 dist.world_size, f"×{accum} accumulated" if accum > 1 else "",
+                 tcfg.batch_size * dist.world_size * accum, device, run_dir)
     try:
         summary = trainer.fit()
     finally:
