@@ -92,6 +92,10 @@ def unclipped_in_latent_space(sampler, latent: bool):
     clamp cuts about a third of them) and clamping them ruins the samples (latent MNIST, 1000 samples of
     DDPM with 1000 steps: FD 0.30 unclipped vs 2.37 clipped). So a latent run samples unclipped unless clip_range was set to
     something other than the data range."""
+    if latent and getattr(sampler, "dynamic_threshold", None) is not None:
+        log.warning("sampler.dynamic_threshold rescales x̂₀ towards the data range, which latents do not lie in: "
+                    "sampling without it")
+        sampler.dynamic_threshold = None
     if latent and sampler.clip_x0 and tuple(sampler.clip_range) == (-1.0, 1.0):
         log.warning("sampler.clip_x0 clamps x̂₀ to the data range [-1, 1], which latents do not lie in: "
                     "sampling without it (set sampler.clip_range to clamp latents)")

@@ -125,7 +125,7 @@ TRAINER = {
 }
 SAMPLER = {
     "steps": Int(1), "spacing": Choice(*SPACINGS), "guidance_scale": Float(0), "clip_x0": BOOL,
-    "clip_range": Rule("pair"), "eta": PROBABILITY, "variance": Choice("beta", "posterior"),
+    "clip_range": Rule("pair"), "dynamic_threshold": Float(0, 1, open_lo=True, nullable=True), "eta": PROBABILITY, "variance": Choice("beta", "posterior"),
     "t_end": Float(0, 1, open_lo=True, open_hi=True, nullable=True), "snr": POSITIVE,
     "corrector_steps": Int(0), "s_churn": Float(0), "s_tmin": Float(0), "s_tmax": Float(0), "s_noise": POSITIVE,
 }

@@ -486,3 +486,29 @@ def test_bad_sampler_settings():
         assert len(DDIM(steps).grid(LinearSchedule())) == steps + 1
     assert len(EulerMaruyama(1234).grid(VESDESchedule())) == 1235
     assert isinstance(load_sampler("dpm_solver"), DPMSolverPP)
+
+
+def test_dynamic_threshold_is_imagens():
+    """Saharia et al. 2022 §2.3, written out with numpy: s = max(1, percentile(|x̂₀|, p)), clip(x̂₀, −s, s)/s."""
+    import numpy as np
+    from diffuse.diffusion.samplers import dynamic_threshold
+    x0 = torch.randn(5, 2, 6, 6, generator=torch.Generator().manual_seed(0)) * torch.tensor([0.3, 1, 2, 4, 8]).view(5, 1, 1, 1)
+    got = dynamic_threshold(x0, 0.995).numpy()
+    for i, sample in enumerate(x0.numpy()):
+        s = max(1.0, np.percentile(np.abs(sample), 99.5))
+        np.testing.assert_allclose(got[i], np.clip(sample, -s, s) / s, rtol=1e-6, atol=1e-7)
+    inside = x0[:1].clamp(-0.9, 0.9)
+    assert torch.equal(dynamic_threshold(inside, 0.995), inside)  # |x̂₀| ≤ 1 already: unchanged
+    assert got.min() >= -1 and got.max() <= 1
+
+
+def test_dynamic_threshold_keeps_samples_in_range():
+    from diffuse.diffusion.guidance import Denoiser
+    from diffuse.diffusion.samplers import DDIM
+    schedule = LinearSchedule()
+    wild = lambda x, t, y: 3.0 * torch.ones_like(x)  # noqa: E731 - an ε̂ far off: x̂₀ far outside [−1, 1]
+    x = torch.randn(4, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+    out = DDIM(steps=10, dynamic_threshold=0.995)(Denoiser(wild, schedule), x)
+    assert out.abs().max() <= 1 + 1e-5
+    with pytest.raises(ValueError, match="dynamic_threshold"):
+        DDIM(dynamic_threshold=1.5)

@@ -60,6 +60,14 @@ class Trajectory:
 StepCallback = Callable[[int, float, Tensor, Tensor], None]  # (step index, t, x after the step, x̂₀)
 
 
+def dynamic_threshold(x0: Tensor, quantile: float) -> Tensor:
+    """Imagen's dynamic thresholding: s = max(1, quantile of |x̂₀| over each sample's values), then
+    clamp(x̂₀, −s, s)/s. Samples already within [−1, 1] are unchanged. x0: [B, C, *spatial]."""
+    s = torch.quantile(x0.abs().flatten(1), quantile, dim=1).clamp(min=1.0)
+    s = s.view(-1, *([1] * (x0.dim() - 1)))
+    return torch.maximum(torch.minimum(x0, s), -s) / s
+
+
 class Sampler:
     """Base: holds the grid settings; subclasses implement `run(denoiser, x, grid, noise, callback)`.
 
@@ -70,24 +78,33 @@ class Sampler:
     clip_x0: clamp x̂₀ to clip_range and re-derive ε̂ = (x − α x̂₀)/σ from it, i.e. run the sampler on the
         clamped denoiser (diffusers' `clip_sample` with `use_clipped_model_output`; for DDPM it is the
         MNIST seed's `sample_clip`). Data in [−1, 1] stay there; helps under-trained networks a lot.
+    dynamic_threshold: Imagen's dynamic thresholding (Saharia et al. 2022, §2.3) instead: per sample,
+        s = max(1, the `dynamic_threshold` quantile of |x̂₀|), x̂₀ ← clamp(x̂₀, −s, s)/s; null = off.
     Stochastic samplers draw all their noise from `noise.randn_like(x)` (per-sample generators).
     """
 
     stochastic = False
 
     def __init__(self, steps: int = 1000, spacing: str = "auto", guidance_scale: float = 0.0,
-                 clip_x0: bool = False, clip_range: Sequence[float] = (-1.0, 1.0)):
+                 clip_x0: bool = False, clip_range: Sequence[float] = (-1.0, 1.0),
+                 dynamic_threshold: float | None = None):
         self.steps = int(steps)
         self.spacing = spacing
         self.guidance_scale = float(guidance_scale)
         self.clip_x0 = bool(clip_x0)
         self.clip_range = tuple(float(v) for v in clip_range)
+        if dynamic_threshold is not None and not 0.0 < float(dynamic_threshold) <= 1.0:
+            raise ValueError(f"dynamic_threshold must be a quantile in (0, 1] or null; got {dynamic_threshold}")
+        self.dynamic_threshold = None if dynamic_threshold is None else float(dynamic_threshold)
 
     def denoise(self, denoiser, x: Tensor, t, alpha: float, sigma: float) -> tuple[Tensor, Tensor]:
         """(ε̂, x̂₀) at time t (σ > 0), x̂₀ = (x − σ ε̂)/α, both from the clamped x̂₀ when clip_x0."""
         eps = denoiser.eps(x, t)
         x0 = (x - sigma * eps) / alpha
-        if self.clip_x0:
+        if self.dynamic_threshold is not None:
+            x0 = dynamic_threshold(x0, self.dynamic_threshold)
+            eps = (x - alpha * x0) / sigma
+        elif self.clip_x0:
             x0 = x0.clamp(*self.clip_range)
             eps = (x - alpha * x0) / sigma
         return eps, x0
