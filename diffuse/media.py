@@ -31,6 +31,7 @@ VIEWS = ("slices", "mip")  # 3-D: central slices | maximum-intensity projections
 MIN_SIZE = 256             # small grids are upscaled (nearest, whole factor) until their long side reaches this
 MIN_TILE = 48              # … and until every tile is at least this tall
 FONT_SIZE = 14
+GRID_MAX_COLUMNS = 16      # the jobs' default cap on grid columns (`grid_max_columns`): wider grids wrap or subsample
 
 _IMAGE_PAD, _IMAGE_PAD_COLOR = 2, (128, 128, 128)
 _PLOT_PAD, _PLOT_PAD_COLOR = 3, (255, 255, 255)
@@ -246,21 +247,38 @@ def _write_image(img: np.ndarray, path: str | Path) -> Path:
 
 
 # -- figures -----------------------------------------------------------------------------------------------
+def _capped(nrow: int | None, n: int, max_columns: int | None) -> int:
+    nrow = nrow or max(1, math.ceil(math.sqrt(n)))
+    return min(nrow, max_columns) if max_columns else nrow
+
+
+def first_columns(n: int, nrow: int, max_columns: int | None) -> tuple[list[int], int]:
+    """For n items laid out nrow to a row (a class per row): the indices of the first max_columns items of
+    every row, and the new row length. All indices (and nrow) when the rows are short enough."""
+    keep = min(nrow, max_columns) if max_columns else nrow
+    return [r * nrow + j for r in range(math.ceil(n / nrow)) for j in range(keep) if r * nrow + j < n], keep
+
+
 def save_grid(x: Tensor, path: str | Path, nrow: int | None = None, view: str = "slices",
-              row_labels: Sequence[str] | None = None) -> Path:
-    """A grid of samples [B, C, *spatial] as a PNG; nrow samples per row (default ≈ √B)."""
-    return _write_image(render_frame(x, nrow, view, row_labels=row_labels), path)
+              row_labels: Sequence[str] | None = None, max_columns: int | None = None) -> Path:
+    """A grid of samples [B, C, *spatial] as a PNG; nrow samples per row (default ≈ √B), at most
+    max_columns (more wrap onto further rows) so that a big sample count stays readable."""
+    return _write_image(render_frame(x, _capped(nrow, x.shape[0], max_columns), view, row_labels=row_labels), path)
 
 
 def save_class_grid(x: Tensor, y: Tensor, path: str | Path, class_names: Sequence[str] | None = None,
-                    per_class: int | None = None, view: str = "slices", labels: bool = True) -> Path:
+                    per_class: int | None = None, view: str = "slices", labels: bool = True,
+                    max_columns: int | None = None) -> Path:
     """The conditional seed's classes grid: a row per class present in y (increasing), up to per_class
-    samples each (default: the most any class has; shorter rows end in background), labelled with
-    class_names[c] (or the class index) on the left when `labels`. x: [N, C, *spatial], y: [N] int."""
+    samples each (default: the most any class has, at most max_columns: the first ones; shorter rows end
+    in background), labelled with class_names[c] (or the class index) on the left when `labels`.
+    x: [N, C, *spatial], y: [N] int."""
     y = torch.as_tensor(y).cpu().long()
     classes = torch.unique(y).tolist()
     groups = [torch.nonzero(y == c).flatten() for c in classes]
     per_class = per_class or max(len(g) for g in groups)
+    if max_columns:
+        per_class = min(per_class, max_columns)
     order, blank = [], []
     for g in groups:
         take = g[:per_class].tolist()
@@ -321,8 +339,9 @@ def render_frames(states: Sequence[Tensor], nrow: int | None = None, view: str =
 
 def save_animation(states: Sequence[Tensor], path: str | Path, nrow: int | None = None, fps: int = 10,
                    hold_last: float = 1.0, view: str = "slices", times: Sequence[float] | None = None,
-                   row_labels: Sequence[str] | None = None) -> Path:
-    """One frame per state (each [B, C, *spatial]), the last one held `hold_last` seconds.
+                   row_labels: Sequence[str] | None = None, max_columns: int | None = None) -> Path:
+    """One frame per state (each [B, C, *spatial]), the last one held `hold_last` seconds; rows of nrow
+    samples (default ≈ √B) cut to their first max_columns (a class per row keeps its row).
 
     The format follows the suffix: .gif (imageio/Pillow; the hold is the last frame's duration, since GIF
     merges repeated frames anyway) or .mp4 (imageio-ffmpeg, H.264 at a constant fps: the last frame is
@@ -338,7 +357,10 @@ def save_animation(states: Sequence[Tensor], path: str | Path, nrow: int | None 
             raise RuntimeError("MP4 output needs imageio-ffmpeg: pip install 'diffuse[video]'") from None
     if not states:
         raise ValueError("no states to animate")
-    frames = render_frames(states, nrow, view, times, row_labels)
+    if max_columns and nrow and nrow > max_columns:  # rows are meaningful (a class each): keep their first ones
+        keep, nrow = first_columns(states[0].shape[0], nrow, max_columns)
+        states = [s[keep] for s in states]
+    frames = render_frames(states, _capped(nrow, states[0].shape[0], max_columns), view, times, row_labels)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".gif":
         step_ms = 1000 / fps

@@ -26,7 +26,8 @@ TRAIN_METRICS = ("val_loss", "loss", "fd", "fid")  # the summary values of `diff
 
 @dataclass(frozen=True)
 class Rule:
-    """kind: int | float | bool | choice | pair | ints; lo/hi bounds (inclusive unless open_lo/open_hi)."""
+    """kind: int | float | bool | choice | pair | ints; lo/hi bounds (inclusive unless open_lo/open_hi);
+    auto: the string "auto" is allowed too (a value the job works out, e.g. trainer.num_sample_images)."""
 
     kind: str
     lo: float | None = None
@@ -35,6 +36,7 @@ class Rule:
     open_hi: bool = False
     choices: tuple = ()
     nullable: bool = False
+    auto: bool = False
 
     def allowed(self) -> str:
         if self.kind == "bool":
@@ -56,7 +58,8 @@ class Rule:
                 bounds = []
             sep = ", each " if self.kind in ("pair", "ints") else " "
             text = noun + (sep + bounds[0] if bounds else "")
-        return text + (", or null" if self.nullable else "")
+        return text + (", auto" if self.auto and self.nullable else ", or auto" if self.auto else "") \
+            + (" or null" if self.nullable and self.auto else ", or null" if self.nullable else "")
 
     def _in_range(self, v: float) -> bool:
         if isinstance(v, float) and math.isnan(v):
@@ -68,6 +71,8 @@ class Rule:
     def ok(self, v) -> bool:
         if v is None:
             return self.nullable
+        if self.auto and v == "auto":
+            return True
         if self.kind == "bool":
             return isinstance(v, bool)
         if self.kind == "choice":
@@ -90,8 +95,8 @@ def _fmt(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else str(x)
 
 
-def Int(lo=None, hi=None, nullable=False):  # noqa: N802 - reads as a type in the tables below
-    return Rule("int", lo, hi, nullable=nullable)
+def Int(lo=None, hi=None, nullable=False, auto=False):  # noqa: N802 - reads as a type in the tables below
+    return Rule("int", lo, hi, nullable=nullable, auto=auto)
 
 
 def Float(lo=None, hi=None, open_lo=False, open_hi=False, nullable=False):  # noqa: N802
@@ -118,8 +123,8 @@ TRAINER = {
     "precision": Choice("fp32", "bf16", "fp16", "auto"),
     "compile": BOOL, "channels_last": Choice("auto", True, False), "cond_drop_prob": Float(0, 1, open_hi=True),
     "log_every": Int(1), "checkpoint_every": Int(1), "keep_checkpoints": Int(0, nullable=True),
-    "max_nonfinite_steps": Int(1), "sample_every": Int(0), "sample_steps": Int(1, nullable=True),
-    "num_sample_images": Int(1), "final_animation": BOOL, "val_every": Int(0), "val_items": Int(0),
+    "max_nonfinite_steps": Int(1), "sample_every": Int(0), "sample_steps": Int(1, nullable=True, auto=True),
+    "num_sample_images": Int(1, auto=True), "grid_max_columns": Int(1), "final_samples": BOOL, "final_animation": BOOL, "val_every": Int(0), "val_items": Int(0),
     "grad_accum_steps": Int(1), "dist_timeout_min": POSITIVE, "eval_every": Int(0),
     "eval_metric": Choice("fd", "fid"), "eval_num_samples": Int(2), "eval_sampler_steps": Int(1, nullable=True),
 }
@@ -164,7 +169,7 @@ JOBS = {
                   "logger.mode": Choice("auto", "online", "offline", "disabled")},
     "sample": {**COMMON, "num_samples": Int(1), "class_label": Int(0, nullable=True), "batch_size": Int(1),
                "precision": PRECISION, "use_ema": BOOL, "view": Choice("slices", "mip"),
-               "animation.enabled": BOOL, "animation.frames": Int(2), "animation.fps": Int(1),
+               "grid_max_columns": Int(1), "animation.enabled": BOOL, "animation.frames": Int(2), "animation.fps": Int(1),
                "animation.format": Choice("gif", "mp4"), "animation.hold": Float(0), "animation.strip_steps": Int(1)},
     "evaluate": {**COMMON, "num_samples": Int(2), "batch_size": Int(1), "precision": PRECISION, "use_ema": BOOL,
                  "save_samples": BOOL, "inception_batch_size": Int(1), "kid_subset_size": Int(2),

@@ -140,15 +140,19 @@ def prior_sample(schedule: Schedule, noise: NoiseSource, sample_shape: Sequence[
 
 
 def sample(denoiser, sampler: Sampler, noise: NoiseSource, sample_shape: Sequence[int],
-           trajectory: int | bool = False) -> tuple[Tensor, Trajectory | None]:
+           trajectory: int | bool = False, on_step: Callable[[], None] | None = None,
+           ) -> tuple[Tensor, Trajectory | None]:
     """Draw x_T from the prior and run the sampler.
 
     trajectory: False, True (keep every state) or a number K of states to keep, spread evenly over the
     grid (x_T and the final sample always among them), so long runs on big data stay small in memory.
+    on_step: called after every update of the sampler (once per grid interval), e.g. to advance a progress
+    bar; it sees nothing of the state, so the samples are the same with or without it.
     """
     x = prior_sample(denoiser.schedule, noise, sample_shape)
     if not trajectory:
-        return sampler(denoiser, x, noise, None), None
+        step_callback = None if on_step is None else (lambda i, t, x_new, x0_hat: on_step())
+        return sampler(denoiser, x, noise, step_callback), None
     grid = sampler.grid(denoiser.schedule)
     n_states = len(grid)
     if trajectory is True or trajectory >= n_states:
@@ -167,6 +171,8 @@ def sample(denoiser, sampler: Sampler, noise: NoiseSource, sample_shape: Sequenc
             traj.times.append(t)
             traj.states.append(x_new.cpu())
             traj.denoised.append(x0_hat.cpu())
+        if on_step is not None:
+            on_step()
 
     return sampler(denoiser, x, noise, callback), traj
 

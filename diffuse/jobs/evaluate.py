@@ -21,10 +21,10 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from diffuse import fidelity, metrics
-from diffuse.diffusion.generation import class_labels, generate
+from diffuse.diffusion.generation import class_labels, generate, progress_bar, sampler_steps
 from diffuse.errors import DiffuseError
 from diffuse.jobs.common import build, load_run, resolve_device
-from diffuse.jobs.sample import sampler_config
+from diffuse.jobs.sample import prepare_for_sampling, sampler_config
 from diffuse.latent import is_latent_run, latent_decoder, unclipped_in_latent_space
 from diffuse.training.loop import PRECISIONS
 from diffuse.validation import check_guidance
@@ -66,6 +66,11 @@ def metric_names(value) -> tuple[bool, tuple[str, ...]]:
 
 
 def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> dict:
+    with torch.inference_mode():
+        return _run(cfg, run_dir, overrides)
+
+
+def _run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> dict:
     run_dir = Path(run_dir)
     device = resolve_device(cfg.device)
     want_fd, inception = metric_names(cfg.get("metrics", ["fd"]))
@@ -75,7 +80,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> d
     if n < 2:
         raise DiffuseError(f"num_samples must be at least 2 (a covariance needs two); got {n}")
     loaded = load_run(cfg.checkpoint, device, use_ema=cfg.use_ema, allow_targets=cfg.get("allow_targets") or ())
-    saved, model = loaded.config, loaded.model
+    saved, model = loaded.config, prepare_for_sampling(loaded.model, device)
     chosen = sampler_config(cfg, saved, overrides or [])
     sampler = unclipped_in_latent_space(build(chosen, "sampler"), is_latent_run(saved))
     check_guidance(sampler.guidance_scale, bool(saved.get("conditional")),
@@ -90,12 +95,12 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> d
     labels = class_labels(n, num_classes)
     labels = None if labels is None else labels[:n]  # rounded up per class by class_labels; keep n
     sample_shape = (int(saved.dataset.channels), *([int(saved.dataset.resolution)] * int(saved.dim)))
-    bar = tqdm(total=n, desc=f"evaluate ({type(sampler).__name__}, {sampler.steps} steps)", dynamic_ncols=True)
+    bar = progress_bar(n, sampler_steps(sampler, loaded.schedule), f"evaluate ({type(sampler).__name__})")
     start = time.perf_counter()
     out = generate(model, loaded.schedule, sampler, sample_shape, n, labels=labels, seed=cfg.seed,
                    batch_size=cfg.batch_size, prediction=saved.objective.prediction,
                    null_class=getattr(model, "null_class", None), device=device,
-                   autocast_dtype=PRECISIONS.get(cfg.get("precision", "fp32")), progress=bar.update)
+                   autocast_dtype=PRECISIONS.get(cfg.get("precision", "fp32")), step_progress=bar.update)
     seconds = time.perf_counter() - start
     bar.close()
     decode = latent_decoder(loaded.state, device)

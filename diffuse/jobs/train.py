@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import math
+import time
 from pathlib import Path
 
 import torch
@@ -10,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from diffuse import media
 from diffuse.data.loader import BatchStream
-from diffuse.diffusion.generation import class_labels, generate
+from diffuse.diffusion.generation import class_labels, generate, progress_bar, sampler_steps
 from diffuse.diffusion.objectives import DiffusionLoss
 from diffuse.errors import DiffuseError
 from diffuse.jobs.common import build, build_dataset, build_tracker, data_shape, run_trainer_process
@@ -25,6 +27,29 @@ log = logging.getLogger(__name__)
 
 def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> dict:
     return run_trainer_process(cfg, Path(run_dir), overrides or [], "diffusion", _train)
+
+
+# trainer.num_sample_images / sample_steps = auto: today's 32 images × 250 steps up to this many values per
+# sample (every 1-D set, 2-D up to 128² grey or 64² RGB); above it, about SAMPLE_BUDGET values per grid
+# (8 samples of 32³) at AUTO_STEPS_BIG steps (the msnat_3d experiment's 8 × 50): 20× less than 32 × 250, the
+# >10 min end of a 3-D run on the CPU, which a single CPU core still needs ~6 min for at 32³ with MSNAT.
+AUTO_SMALL_VALUES, SAMPLE_BUDGET = 16384, 8 * 32 ** 3
+AUTO_IMAGES, AUTO_STEPS, AUTO_STEPS_BIG, AUTO_MIN_IMAGES = 32, 250, 50, 4
+
+
+def training_sample_counts(num_images, steps, sample_shape, sampler_max_steps: int) -> tuple[int, int]:
+    """(samples, sampler steps) of the training-time grids: numbers as given (steps at most the sampler's
+    own; null = the sampler's own), `auto` by the values per sample (channels × spatial size):
+    ≤ 16384 (1-D, 2-D up to 128² grey / 64² RGB): 32 samples × 250 steps, as before; more (3-D 32³ = 32768,
+    2-D 128² RGB): 8 × 32³ values in all, in multiples of 4 (8 samples at 32³, at least 4), × 50 steps."""
+    values = math.prod(int(v) for v in sample_shape)
+    small = values <= AUTO_SMALL_VALUES
+    if num_images == "auto":
+        num_images = AUTO_IMAGES if small else max(AUTO_MIN_IMAGES, SAMPLE_BUDGET // values // 4 * 4)
+    if steps == "auto":
+        steps = AUTO_STEPS if small else AUTO_STEPS_BIG
+    steps = sampler_max_steps if steps is None else min(int(steps), sampler_max_steps)
+    return int(num_images), steps
 
 
 def heldout_dataset(cfg: DictConfig, n: int, pixels: bool = False):
@@ -95,25 +120,40 @@ def _train(cfg, run_dir, state, device, dist) -> dict:
     num_classes = int(getattr(model, "num_classes", 0) or 0)
     class_names = [str(c) for c in getattr(dataset, "class_names", None) or range(num_classes)]
     sampler = unclipped_in_latent_space(build(cfg.sampler, "sampler"), latent is not None)
-    if tcfg.get("sample_steps"):
-        sampler.steps = min(int(tcfg.sample_steps), sampler.steps)
+    num_images, sampler.steps = training_sample_counts(tcfg.get("num_sample_images", "auto"),
+                                                       tcfg.get("sample_steps", "auto"), sample_shape, sampler.steps)
+    max_columns = int(tcfg.get("grid_max_columns", media.GRID_MAX_COLUMNS) or 0) or None
 
-    def on_sample(step: int, ema_model) -> None:
-        """A grid of EMA samples (a row per class); at the last step also an animation of the denoising."""
-        final = step == max_steps and tcfg.final_animation
-        labels = class_labels(tcfg.num_sample_images, num_classes)
-        out = generate(ema_model, schedule, sampler, sample_shape, tcfg.num_sample_images, labels=labels,
-                       seed=cfg.seed, batch_size=tcfg.batch_size, prediction=cfg.objective.prediction,
-                       null_class=null_class, device=device, trajectory=40 if final else False)
+    def on_sample(step: int, ema_model, last: bool = False) -> None:
+        """A grid of EMA samples (a row per class); at the end (last: max_steps, or a spent time budget) also
+        an animation of the denoising."""
+        if last and not tcfg.get("final_samples", True):
+            return  # trainer.final_samples=false: no end-of-run grid (nor animation)
+        final = last and tcfg.final_animation
+        labels = class_labels(num_images, num_classes)
+        n = num_images if labels is None else len(labels)
+        steps = sampler_steps(sampler, schedule)
+        bar = progress_bar(n, steps, f"step {step} samples", leave=False)
+        start = time.perf_counter()
+        try:
+            out = generate(ema_model, schedule, sampler, sample_shape, num_images, labels=labels,
+                           seed=cfg.seed, batch_size=tcfg.batch_size, prediction=cfg.objective.prediction,
+                           null_class=null_class, device=device, trajectory=40 if final else False,
+                           step_progress=bar.update)
+        finally:
+            bar.close()
+        seconds = time.perf_counter() - start
         nrow = len(out.x) // num_classes if num_classes else None
         shown = latent.decode(out.x) if latent else out.x
         path = run_dir / "samples" / f"step_{step}.png"
         if num_classes:
-            media.save_class_grid(shown, out.y, path, class_names=class_names)
+            media.save_class_grid(shown, out.y, path, class_names=class_names, max_columns=max_columns)
         else:
-            media.save_grid(shown, path)
+            media.save_grid(shown, path, max_columns=max_columns)
         tracker.log_image("samples", path, step)
-        log.info("step %d: samples → %s", step, path)
+        capped = f" ({min(nrow, max_columns)} of {nrow} per class shown)" \
+            if nrow and max_columns and nrow > max_columns else ""
+        log.info("step %d: samples: %d × %d steps in %.1f s → %s%s", step, n, steps, seconds, path, capped)
         # the seed's table of grids by epoch: samples/README.md + index.html, and a W&B table step → grid
         rows = media.write_sample_index(path.parent, step, data.epoch + data.position / data.batches_per_epoch)
         tracker.log_table("sample_grids", ["step", "epoch", "grid"],
@@ -122,7 +162,8 @@ def _train(cfg, run_dir, state, device, dist) -> dict:
             fps = 10
             states = [latent.decode(z) for z in out.states] if latent else out.states
             anim = media.save_animation(states, run_dir / "samples" / "animation.gif", nrow=nrow, fps=fps,
-                                        times=out.times, row_labels=class_names[:num_classes] if num_classes else None)
+                                        times=out.times, row_labels=class_names[:num_classes] if num_classes else None,
+                                        max_columns=max_columns)
             tracker.log_video("denoising", anim, step, fps=fps)
             log.info("animation → %s", anim)
 

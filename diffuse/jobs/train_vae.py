@@ -103,9 +103,10 @@ def _train_vae(cfg, run_dir, state, device, dist) -> dict:
     n_params = sum(p.numel() for p in vae.parameters())
     tracker = build_tracker(cfg, run_dir, config_dict, state, dist.is_main)
 
-    shown = dataset.get_batch(torch.arange(min(int(tcfg.num_sample_images), len(dataset))), None)[0].to(device)
+    num_shown = 32 if tcfg.num_sample_images == "auto" else int(tcfg.num_sample_images)  # no sampling here: auto = 32
+    shown = dataset.get_batch(torch.arange(min(num_shown, len(dataset))), None)[0].to(device)
 
-    def on_sample(step: int, ema_model) -> None:
+    def on_sample(step: int, ema_model, last: bool = False) -> None:
         with torch.no_grad():
             recon, _, _ = ema_model(shown, sample=False)
         path = reconstruction_grid(shown, recon.clamp(-1, 1), run_dir / "samples" / f"step_{step}.png")

@@ -150,14 +150,16 @@ HYPERPARAMETERS = ("lr", "initial_lr", "max_lr", "min_lr", "weight_decay", "beta
 class Trainer:
     """Owns model, EMA, optimizer, LR schedule, data stream and loss RNG; `fit()` runs to max_steps.
 
-    kind: what the checkpoints hold ("diffusion" | "vae"); extra_state: more entries for every checkpoint;
+    on_sample(step, ema_model, last): a sample grid every `sample_every` steps and at the end (last=True, also
+    when a time budget ends the run early); kind: what the checkpoints hold ("diffusion" | "vae");
+    extra_state: more entries for every checkpoint;
     validator(ema_model) -> metrics: the held-out score, every `val_every` steps and at the end (every rank);
     evaluator(ema_model) -> metrics: sample quality, every `eval_every` steps and at the end (rank 0 draws)."""
 
     def __init__(self, model: nn.Module, loss_fn: Callable, schedule, data, optimizer, lr_scheduler,
                  ema: EMA, cfg: TrainerConfig, run_dir: Path, tracker, dist: DistInfo,
                  device: torch.device, seed: int, config_dict: dict,
-                 on_sample: Callable[[int, nn.Module], None] | None = None, kind: str = "diffusion",
+                 on_sample: Callable[[int, nn.Module, bool], None] | None = None, kind: str = "diffusion",
                  extra_state: dict | None = None, validator: Callable[[nn.Module], dict] | None = None,
                  evaluator: Callable[[nn.Module], dict] | None = None):
         cfg.precision = resolve_precision(cfg.precision, device)
@@ -419,7 +421,7 @@ class Trainer:
                 self.tracker.log(val, self.step)
             if self.on_sample is not None and (self.step % cfg.sample_every == 0 or at_end):
                 if self.dist.is_main:
-                    self.on_sample(self.step, self.ema.model)
+                    self.on_sample(self.step, self.ema.model, at_end)
                 barrier(self.dist)
         bar.close()
         return {"step": self.step, "loss": last_loss, "checkpoint": str(self.checkpoint_path),
