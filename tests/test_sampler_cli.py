@@ -39,7 +39,7 @@ def test_train_vesde_then_sample_with_every_sampler(tmp_path):
     guided = run_cli(["sample", f"checkpoint={ckpts[0]}", "sampler.steps=8", "sampler.guidance_scale=2.0",
                       "num_samples=4", "device=cpu"], tmp_path)
     assert guided.returncode == 0, guided.stderr[-2000:]
-    assert "EulerMaruyama, 8 steps" in guided.stderr
+    assert "sample (EulerMaruyama): 4 samples × 8 steps" in guided.stderr  # the run's own sampler, 8 steps
     (path,) = _npz_paths(guided.stdout)
     assert np.isfinite(np.load(path)["x"]).all()
 
