@@ -3,8 +3,9 @@
 With data N(μ, s²) the exact denoiser is closed form, E[ε | x_t] = σ(x_t − αμ)/(α²s² + σ²), so a sampler's
 output can be compared with what its own update gives when carried through the Gaussian (deterministic
 samplers: exactly, sample by sample) and with μ, s (stochastic samplers, at the step counts they are meant
-for). Few-step deterministic samplers legitimately miss s (DESIGN.md §4): for them the recurrence is the
-check, and convergence at the method's order as steps double.
+for). Few-step deterministic samplers legitimately miss s (a probability-flow ODE solved in a few steps carries
+its discretisation error into the spread): for them the recurrence is the check, and convergence at the
+method's order as steps double.
 """
 
 from __future__ import annotations
@@ -199,8 +200,8 @@ def test_euler_maruyama_on_vesde_is_the_conditional_seeds_sampler(num_steps):
     den = MixtureDenoiser(sched, [-0.5, 0.4], 0.2, [0.4, 0.6])
     shape = (1, 8)
 
-    # ours, as `diffuse sample sampler=euler_maruyama` runs it (in fp64 here, to compare tightly)
-    sampler = load_sampler("euler_maruyama", steps=num_steps)
+    # ours, as `diffuse sample sampler=euler_maruyama sampler.final_denoise=false` runs it (fp64, to compare tightly)
+    sampler = load_sampler("euler_maruyama", steps=num_steps, final_denoise=False)
     ours = sampler.run(den, NoiseSource(range(5)).randn(shape).double() * sched.prior_std, sampler.grid(sched),
                        NoiseSource(range(5, 10)), None)
 
@@ -225,6 +226,23 @@ def test_euler_maruyama_on_vesde_is_the_conditional_seeds_sampler(num_steps):
         mean_x = x + (g**2) * score_model(x, time_step) * step_size
         x = mean_x + torch.sqrt(step_size) * g * noise.randn_like(x)
     assert torch.allclose(ours, mean_x, rtol=1e-9, atol=1e-9)  # the last step: its mean, no noise
+
+
+@pytest.mark.parametrize("name", ["euler_maruyama"])
+def test_final_denoise_returns_the_last_evaluations_x0(name):
+    """final_denoise (the YAML default): the run is the same up to the last step, which returns x̂₀ = (x − σ ε̂)/α
+    of that step's own evaluation instead of the step's mean (score_sde's noise_removal)."""
+    sched = VESDESchedule()
+    den = MixtureDenoiser(sched, [-0.5, 0.4], 0.2, [0.4, 0.6])
+    x_T = NoiseSource(range(4)).randn((1, 8)).double() * sched.prior_std
+    seen = []
+    plain = load_sampler(name, steps=40, final_denoise=False)
+    plain.run(den, x_T.clone(), plain.grid(sched), NoiseSource(range(4, 8)), lambda i, t, x, x0: seen.append((x, x0)))
+    final = load_sampler(name, steps=40)
+    assert final.final_denoise
+    out = final.run(den, x_T.clone(), final.grid(sched), NoiseSource(range(4, 8)), None)
+    assert torch.equal(out, seen[-1][1])  # the last step's x̂₀, bit for bit (same process, same shapes)
+    assert not torch.equal(out, seen[-1][0])
 
 
 # ----- Gaussian data with the exact denoiser ------------------------------------------------------------------

@@ -278,15 +278,19 @@ class EulerMaruyama(Sampler):
         dt = (t_max − t_end)/(steps − 1) for every step, the last included (as the seed, t_end = 1e-3: its
         last step ends at t_end − dt ≈ 0); None = the schedule's grid, whose last step ends at t = 0.
         Ignored on discrete schedules (their trailing grid is evenly spaced and ends at 0).
+    final_denoise: the last step returns x̂₀ of its own evaluation (Tweedie's denoised estimate; score_sde's
+        `noise_removal`, k-diffusion's last Euler step) instead of the SDE step's mean, which still holds the
+        noise of the step before (at t_end on the seed grid: a grainy background). False = the seed's sampler.
     One network evaluation per step.
     """
 
     stochastic = True
 
     def __init__(self, steps: int = 500, spacing: str = "auto", guidance_scale: float = 0.0,
-                 t_end: float | None = None, **kwargs):
+                 t_end: float | None = None, final_denoise: bool = False, **kwargs):
         super().__init__(steps, spacing, guidance_scale, **kwargs)
         self.t_end = None if t_end is None else float(t_end)
+        self.final_denoise = bool(final_denoise)
 
     def _seed_grid(self, schedule: Schedule) -> bool:
         return self.t_end is not None and schedule.num_timesteps is None and self.steps > 1
@@ -309,7 +313,10 @@ class EulerMaruyama(Sampler):
             eps, x0_hat = self.denoise(denoiser, x, t, a_t, s_t)
             score = -eps / s_t
             mean = x - (f * x - g2 * score) * dt
-            x = mean + (g2 * dt) ** 0.5 * noise.randn_like(x) if i < n - 1 else mean
+            if i < n - 1:
+                x = mean + (g2 * dt) ** 0.5 * noise.randn_like(x)
+            else:
+                x = x0_hat if self.final_denoise else mean
             if callback is not None:
                 callback(i, float(grid[i + 1]), x, x0_hat)
         return x
@@ -326,6 +333,8 @@ class PredictorCorrector(Sampler):
         (no noise on the last step: it returns the mean).
     The Langevin step size uses norms per sample (the authors average them over the batch; per sample,
     a sample does not depend on its batch-mates), so it assumes many coordinates per sample (images).
+    The last predictor step (to t = 0, σ_s = 0) already returns x̂₀ on the VE-SDE (α = 1) and nearly so on VP
+    schedules, so unlike Euler–Maruyama it needs no final denoising.
     Network evaluations: steps × (1 + corrector_steps).
     """
 
