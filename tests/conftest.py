@@ -1,4 +1,5 @@
-"""Shared helpers: compose configs in-process, tiny run settings, run the CLI in a subprocess."""
+"""Shared helpers: compose configs in-process, tiny run settings, run the CLI in a subprocess, and the
+`requires_cuda` marker for the tests that run on a GPU beside their CPU twins."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
 from diffuse.app import CONF_DIR, _register_resolvers
@@ -19,6 +22,33 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 TINY = ["dataset.resolution=8", "dataset.size=64", "model.base_channels=8", "model.channel_mult=[1,2]",
         "model.time_emb_dim=8", "trainer.batch_size=4", "trainer.sample_every=0", "trainer.log_every=1",
         "logger=none", "device=cpu"]
+CUDA_TINY = [o for o in TINY if not o.startswith("device=")] + ["device=cuda"]  # the same run on the GPU
+
+# Each model family at a tiny size, as command-line overrides: 2 steps of batch 2 on 16 items (TWO_TINY_STEPS),
+# MSNAT in any dim (a 2-level model of width 8 for every dim: the model takes levels.dim{dim}), ShuffleNet and
+# the spatial transformer in 2-D.
+TWO_TINY_STEPS = ["trainer.max_steps=2", "trainer.batch_size=2", "dataset.size=16", "trainer.sample_every=0",
+                  "trainer.log_every=1", "logger=none", "device=cpu"]
+MSNAT_TINY_LEVELS = "[{mult: 1, heads: 2, kernel: 3, dilations: [1, 2]}, {mult: 2, heads: 2, kernel: 3}]"
+MSNAT = ["model=msnat", "dataset.resolution=8", "model.base_channels=8", "model.time_emb_dim=8",
+         *[f"model.levels.dim{d}={MSNAT_TINY_LEVELS}" for d in (1, 2, 3)]]
+SHUFFLENET = ["model=shufflenet", "dim=2", "dataset.resolution=28", "model.base_channels=8", "model.units=1",
+              "model.time_emb_dim=16"]
+SPATIAL_TRANSFORMER = ["model=spatial_transformer", "dim=2", "dataset.resolution=32", "model.channels=[8,16,16,32]",
+                       "model.embed_dim=16", "model.context_dim=16"]
+
+
+def requires_cuda(test):
+    """Marks a test `cuda` (`pytest -m cuda` runs just these) and skips it where no CUDA device is present
+    (CI has none): the GPU twin of a CPU test, kept in the same file."""
+    skip = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+    return pytest.mark.cuda(skip(test))
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    """‖got − want‖ / ‖want‖ in float64 on the CPU."""
+    got, want = got.double().cpu(), want.double().cpu()
+    return ((got - want).norm() / want.norm()).item()
 
 
 def compose_cfg(name: str, overrides: list[str]):
@@ -41,3 +71,37 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "MNIST" / "raw").is_dir():
         pytest.skip("../shared/data (MNIST/Fashion-MNIST) not present")
     return SHARED_DATA
+
+
+# -- Flowers102 on a tiny folder in its format ----------------------------------------------------------------
+FLOWERS_SPLITS = {"trnid": [1, 2, 3, 4, 5, 6], "valid": [7, 8, 9], "tstid": [10, 11, 12]}
+
+
+def flowers_label(image_id: int) -> int:  # 1-based, as in imagelabels.mat
+    return (image_id * 7) % 5 + 1
+
+
+def write_tiny_flowers(root: Path) -> Path:
+    """root/flowers-102: 12 JPEGs 96×64 (landscape) or 64×96 (portrait): red left half, blue right half, a green
+    top stripe; imagelabels.mat and setid.mat as Oxford's. Returns root (what dataset.root takes)."""
+    from PIL import Image
+    from scipy.io import savemat
+
+    base = root / "flowers-102"
+    (base / "jpg").mkdir(parents=True)
+    for i in range(1, 13):
+        w, h = (96, 64) if i % 2 else (64, 96)
+        img = np.zeros((h, w, 3), np.uint8)
+        img[:, : w // 2, 0] = 255
+        img[:, w // 2:, 2] = 255
+        img[: h // 8, :, :] = (0, 255, 0)
+        Image.fromarray(img).save(base / "jpg" / f"image_{i:05d}.jpg", quality=95)
+    savemat(base / "imagelabels.mat", {"labels": np.array([[flowers_label(i) for i in range(1, 13)]])})
+    savemat(base / "setid.mat", {k: np.array([v]) for k, v in FLOWERS_SPLITS.items()})
+    return root
+
+
+@pytest.fixture
+def tiny_flowers(tmp_path) -> Path:
+    """A tiny Flowers102 folder (write_tiny_flowers) under tmp_path; returns tmp_path."""
+    return write_tiny_flowers(tmp_path)

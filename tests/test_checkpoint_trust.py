@@ -37,6 +37,7 @@ def _tampered(real: str, out, marker, where: str = "model", target: str = "pathl
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("job", ["sample", "evaluate", "resume", "latent"])
 def test_no_entry_point_calls_what_a_checkpoint_names(real_checkpoint, tmp_path, job):
     marker = tmp_path / "pwned"
@@ -88,6 +89,7 @@ def test_genuine_targets_pass_and_allow_targets_extends_the_list(real_checkpoint
     assert collections.OrderedDict.__module__ == "collections"
 
 
+@pytest.mark.slow
 def test_wrong_kind_is_one_line(real_checkpoint, tmp_path):
     """A diffusion checkpoint as latent.vae, a VAE checkpoint to `sample`."""
     vae = tmp_path / "vae.ckpt"

@@ -10,18 +10,16 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torchvision
-from PIL import Image
 
 from diffuse.data import vision
 from diffuse.data.loader import BatchStream
 from diffuse.data.vision import FashionMNISTDataset, Flowers102Dataset, MNISTDataset, default_root, reachable
 from diffuse.errors import DiffuseError
 
-from conftest import compose_cfg, run_cli
+from conftest import FLOWERS_SPLITS as SPLITS, compose_cfg, flowers_label as _label, requires_cuda, run_cli
 
 IDX_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
 
@@ -68,7 +66,7 @@ def test_to_device_indexes_there(shared_data):
     assert x.device.type == y.device.type == "meta" and x.shape == cpu_x.shape
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@requires_cuda
 def test_on_cuda_same_batch_as_cpu(shared_data):
     ds = MNISTDataset(root=shared_data, split="test", hflip=True)
     idx = torch.tensor([3, 1, 4, 1, 5])
@@ -151,31 +149,7 @@ def test_default_root_from_environment(monkeypatch, tmp_path):
     assert compose_cfg("train", ["dataset=fashion"]).dataset.root == "~/.cache/diffuse/data"
 
 
-# -- Flowers102 on a tiny folder in its format --------------------------------------------------------------
-SPLITS = {"trnid": [1, 2, 3, 4, 5, 6], "valid": [7, 8, 9], "tstid": [10, 11, 12]}
-
-
-def _label(image_id: int) -> int:  # 1-based, as in imagelabels.mat
-    return (image_id * 7) % 5 + 1
-
-
-@pytest.fixture
-def tiny_flowers(tmp_path):
-    """12 JPEGs 96×64 (landscape) or 64×96 (portrait): red left half, blue right half, a green top stripe."""
-    from scipy.io import savemat
-
-    base = tmp_path / "flowers-102"
-    (base / "jpg").mkdir(parents=True)
-    for i in range(1, 13):
-        w, h = (96, 64) if i % 2 else (64, 96)
-        img = np.zeros((h, w, 3), np.uint8)
-        img[:, : w // 2, 0] = 255
-        img[:, w // 2:, 2] = 255
-        img[: h // 8, :, :] = (0, 255, 0)
-        Image.fromarray(img).save(base / "jpg" / f"image_{i:05d}.jpg", quality=95)
-    savemat(base / "imagelabels.mat", {"labels": np.array([[_label(i) for i in range(1, 13)]])})
-    savemat(base / "setid.mat", {k: np.array([v]) for k, v in SPLITS.items()})
-    return tmp_path
+# -- Flowers102 on a tiny folder in its format (conftest's tiny_flowers) ----------------------------------------
 
 
 def test_flowers_sizes_labels_splits(tiny_flowers):
@@ -237,6 +211,7 @@ def test_flowers_grey_and_worker_decoding(tiny_flowers):
 
 
 # -- the CLI on the real files ------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_cli_trains_on_mnist(shared_data, tmp_path):
     proc = run_cli(["train", "dataset=mnist", f"dataset.root={shared_data}", "dataset.split=test",
                     "trainer.max_steps=2", "trainer.batch_size=8", "model.base_channels=8", "model.channel_mult=[1,2]",
@@ -245,40 +220,10 @@ def test_cli_trains_on_mnist(shared_data, tmp_path):
     assert list(tmp_path.glob("outputs/*/*/checkpoints/last.ckpt"))
 
 
+@pytest.mark.slow
 def test_cli_missing_data_is_one_clear_line(tmp_path):
     proc = run_cli(["train", "dataset=fashion", "dataset.root=/nonexistent", "logger=none"], cwd=tmp_path)
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if "error" in line]
     assert len(errors) == 1 and "Traceback" not in proc.stderr
     assert "/nonexistent/FashionMNIST/raw" in errors[0] and "train-images-idx3-ubyte" in errors[0]
-
-
-# -- one experiment file per published setup ----------------------------------------------------------------
-EXPERIMENTS = {
-    "mnist_shufflenet": {"model._target_": "diffuse.models.shufflenet.ShuffleNetUNet", "dataset._target_":
-                         "diffuse.data.vision.MNISTDataset", "schedule.num_timesteps": 1000, "sampler.clip_x0": True,
-                         "trainer.lr_schedule": "onecycle", "trainer.epochs": 30, "conditional": False},
-    "flowers_unet": {"model._target_": "diffuse.models.unet.UNet", "dataset._target_":
-                     "diffuse.data.vision.Flowers102Dataset", "dataset.resolution": 64, "schedule.num_timesteps": 1000,
-                     "model.base_channels": 64, "model.time_emb_dim": 128, "trainer.batch_size": 64,
-                     "trainer.epochs": 300},
-    "mnist_cond_vesde": {"model._target_": "diffuse.models.spatial_transformer.SpatialTransformerUNet",
-                         "dataset._target_": "diffuse.data.vision.MNISTDataset", "schedule.sigma": 25.0,
-                         "sampler._target_": "diffuse.diffusion.samplers.EulerMaruyama", "sampler.steps": 250,
-                         "conditional": True, "model.num_classes": 10},
-    "fashion_cond_vesde": {"model._target_": "diffuse.models.spatial_transformer.SpatialTransformerUNet",
-                           "dataset._target_": "diffuse.data.vision.FashionMNISTDataset", "schedule.sigma": 25.0,
-                           "sampler._target_": "diffuse.diffusion.samplers.EulerMaruyama", "sampler.steps": 250,
-                           "conditional": True, "model.num_classes": 10},
-}
-
-
-@pytest.mark.parametrize("name", sorted(EXPERIMENTS))
-def test_experiment_composes_with_the_seed_values(name):
-    from omegaconf import OmegaConf
-
-    cfg = compose_cfg("train", [f"experiment={name}"])
-    OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
-    assert cfg.dim == 2 and cfg.dataset.dim == 2
-    for key, value in EXPERIMENTS[name].items():
-        assert OmegaConf.select(cfg, key) == value, key

@@ -25,7 +25,7 @@ from diffuse.data.loader import BatchStream
 from diffuse.data.vision import LUMA
 from diffuse.errors import DiffuseError
 
-from conftest import TINY, compose_cfg, run_cli
+from conftest import TINY, compose_cfg, requires_cuda, run_cli
 
 LEVEL = 1 / 127.5  # one grey level in [−1, 1] units
 
@@ -238,7 +238,7 @@ def test_streaming_from_memmap_equals_in_memory(classes, monkeypatch):
     assert x.device.type == y.device.type == "meta" and x.shape == (5, 3, 8, 8)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@requires_cuda
 @pytest.mark.parametrize("max_memory_mb", [4096, 1e-4])  # in memory (moved to the GPU) and streaming
 def test_on_cuda_same_batches_as_cpu(classes, max_memory_mb):
     ds = FolderDataset(classes, resolution=8, hflip=True, max_memory_mb=max_memory_mb)
@@ -389,6 +389,7 @@ def test_config_counts_the_class_folders(classes, flat):
 
 
 # -- end to end through the CLI ----------------------------------------------------------------------------
+@pytest.mark.slow
 def test_cli_trains_and_samples_on_a_folder(classes, tmp_path):
     """`diffuse train dataset=folder dataset.path=…` then `diffuse sample`."""
     tiny = [a for a in TINY if not a.startswith(("dataset.size=", "dataset.resolution="))]

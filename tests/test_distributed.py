@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import sys
 
+import pytest
 import torch
 
 from conftest import TINY, run_cli
 
 
+@pytest.mark.slow
 def test_two_process_ddp_run(tmp_path):
     args = ["train", *TINY, "trainer.max_steps=4", "trainer.checkpoint_every=2", "trainer.sample_every=4",
             "trainer.sample_steps=3", "trainer.num_sample_images=4"]
@@ -54,6 +56,7 @@ def _rows(run):
     return {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
 
 
+@pytest.mark.slow
 def test_two_process_resume_is_exact(tmp_path):
     """2 processes, 8 steps straight == 4 steps, stop, resume with 2 processes, 4 steps: every rank gets its
     own RNG states back, so weights, EMA, Adam moments and logged losses are bit-identical (gloo, CPU)."""
@@ -81,6 +84,7 @@ def test_two_process_resume_is_exact(tmp_path):
     assert [losses_a[s] for s in (5, 6, 7, 8)] == [losses_b[s] for s in (5, 6, 7, 8)]
 
 
+@pytest.mark.slow
 def test_two_nodes_with_c10d_rendezvous_form_one_run(tmp_path):
     """Two `torchrun --nnodes=2 --nproc_per_node=1` launches (the README's multi-node command, both "nodes"
     on this machine): one run, one run folder; the checkpoint check compares the ranks' weights."""
@@ -99,6 +103,7 @@ def test_two_nodes_with_c10d_rendezvous_form_one_run(tmp_path):
     assert state["step"] == 4 and state["world_size"] == 2
 
 
+@pytest.mark.slow
 def test_slurm_tasks_form_the_process_group(tmp_path):
     """Two processes started as Slurm would start two tasks (SLURM_PROCID/NTASKS/LOCALID/JOB_NODELIST, no
     torchrun variables): they join one group, rank 0 writes the one run folder."""

@@ -28,6 +28,7 @@ def _metrics(stdout: str) -> list[dict]:
     return [json.loads(open(p).read()) for p in paths]
 
 
+@pytest.mark.slow
 def test_evaluate_writes_metrics_for_each_sampler(checkpoint):
     root, ckpt = checkpoint
     proc = run_cli(["evaluate", "-m", f"checkpoint={ckpt}", "sampler=ddim,dpm_solver", "sampler.steps=4",
@@ -47,6 +48,7 @@ def test_evaluate_writes_metrics_for_each_sampler(checkpoint):
     assert results[0]["label_agreement_real"] == results[1]["label_agreement_real"]
 
 
+@pytest.mark.slow
 def test_evaluate_is_reproducible_and_keeps_samples(checkpoint):
     root, ckpt = checkpoint
     args = ["evaluate", f"checkpoint={ckpt}", "sampler=ddim", "sampler.steps=3", "num_samples=12", "device=cpu"]
@@ -60,6 +62,7 @@ def test_evaluate_is_reproducible_and_keeps_samples(checkpoint):
     assert samples["x"].shape == (12, 1, 8, 8) and samples["y"].tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
 
 
+@pytest.mark.slow
 def test_evaluate_asks_for_more_data_than_there_is(checkpoint):
     root, ckpt = checkpoint
     proc = run_cli(["evaluate", f"checkpoint={ckpt}", "num_samples=1000", "device=cpu"], root)

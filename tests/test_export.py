@@ -93,6 +93,7 @@ def _tamper(folder, dest, edit):
     return dest
 
 
+@pytest.mark.slow
 def test_a_tampered_config_json_builds_nothing(exported, tmp_path):
     """Through a real process: the one line, no traceback, and the named callable never called."""
     cwd, _, folder = exported

@@ -68,6 +68,7 @@ class _Uint8(torch.utils.data.Dataset):
         return self.x[i]
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:This DataLoader will create")  # the library's default: 4 loader workers
 def test_same_numbers_as_torch_fidelity(weights):
     fake, real = _shapes(0, N), -_shapes(N, N)  # shapes vs negatives: far apart
@@ -91,6 +92,7 @@ def test_same_numbers_as_torch_fidelity(weights):
     assert ours["torch_fidelity_version"] == torch_fidelity.__version__
 
 
+@pytest.mark.slow
 def test_identical_sets_give_zero_and_real_differences_show(weights):
     a, weights = _shapes(0, 6), fidelity.find_weights(weights)  # vetted and hashed once, as a training loop would
     same = fidelity.compute(a, a, metrics=["fid"], weights=weights)
@@ -169,6 +171,7 @@ def trained(tmp_path_factory):
     return root, next(root.glob("outputs/*/*/checkpoints/last.ckpt"))
 
 
+@pytest.mark.slow
 def test_evaluate_writes_inception_metrics(trained, weights):
     root, ckpt = trained
     proc = run_cli(["evaluate", f"checkpoint={ckpt}", "metrics=[fd,fid,kid,prc]", f"inception_weights={weights}",
@@ -183,6 +186,7 @@ def test_evaluate_writes_inception_metrics(trained, weights):
     assert "FID " in proc.stdout and "KID " in proc.stdout and "precision " in proc.stdout
 
 
+@pytest.mark.slow
 def test_evaluate_without_weights_fails_before_sampling(trained, tmp_path):
     root, ckpt = trained
     env = {"HOME": str(tmp_path), "TORCH_HOME": str(tmp_path / "torch"), "XDG_CACHE_HOME": str(tmp_path / "cache")}
@@ -193,6 +197,7 @@ def test_evaluate_without_weights_fails_before_sampling(trained, tmp_path):
     assert str(tmp_path / "torch" / "hub" / "checkpoints") in lines[0]
 
 
+@pytest.mark.slow
 def test_evaluate_refuses_1d_data_before_sampling(tmp_path, weights):
     proc = run_cli(["train", *TINY, "dim=1", "trainer.max_steps=1"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -205,6 +210,7 @@ def test_evaluate_refuses_1d_data_before_sampling(tmp_path, weights):
 
 # ----- during training: trainer.eval_every -------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_fid_during_training_is_logged_and_returned(tmp_path, weights):
     from diffuse.jobs import train as train_job
     from conftest import TINY, compose_cfg

@@ -3,6 +3,7 @@ w = 0 and w = 3; guidance must raise the fraction of samples whose nearest real 
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from diffuse.data.shapes import ShapesDataset
@@ -12,6 +13,8 @@ from diffuse.jobs import train as train_job
 from diffuse.jobs.common import load_run
 
 from conftest import compose_cfg
+
+pytestmark = pytest.mark.slow  # 300 training steps
 
 
 def test_guidance_raises_the_asked_class_fraction(tmp_path):

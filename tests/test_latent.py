@@ -52,6 +52,7 @@ def latent_run(vae_run):
     return cwd, run
 
 
+@pytest.mark.slow
 def test_train_vae_logs_reconstructions_and_stores_the_fitted_scale(vae_run):
     _, ckpt = vae_run
     run = ckpt.parent.parent
@@ -71,6 +72,7 @@ def test_train_vae_logs_reconstructions_and_stores_the_fitted_scale(vae_run):
     assert (run / "checkpoints" / "step_4.ckpt").is_file()
 
 
+@pytest.mark.slow
 def test_latent_training_stores_the_vae_and_the_latent_shape(vae_run, latent_run):
     _, vae_ckpt = vae_run
     _, run = latent_run
@@ -94,6 +96,7 @@ def test_latent_training_stores_the_vae_and_the_latent_shape(vae_run, latent_run
     assert shape == imageio.imread(as_data).shape != imageio.imread(as_latent).shape
 
 
+@pytest.mark.slow
 def test_sample_decodes_to_data_space_from_the_checkpoint_alone(vae_run, latent_run):
     cwd, vae_ckpt = vae_run
     _, run = latent_run
@@ -113,6 +116,7 @@ def test_sample_decodes_to_data_space_from_the_checkpoint_alone(vae_run, latent_
     assert len(frames) >= 3 and frames[-1].shape[1] == imageio.imread(printed["grid"]).shape[1]
 
 
+@pytest.mark.slow
 def test_latent_run_resumes(vae_run, latent_run):
     cwd, _ = vae_run
     _, run = latent_run
@@ -168,6 +172,7 @@ def test_latent_dataset_fits_an_unfitted_auto_scale_and_checks_shapes():
         LatentDataset(data, vae, device="cpu", resolution=5)
 
 
+@pytest.mark.slow
 def test_use_latent_space_rewrites_the_dataset_config(vae_run):
     _, vae_ckpt = vae_run
     cfg = compose_cfg("train", ["dataset.resolution=8", f"latent.vae={vae_ckpt}", "device=cpu"])
@@ -202,6 +207,7 @@ def test_reconstruction_mse_is_the_mean_squared_error_of_the_posterior_mean():
         expected, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_latent_runs_sample_without_data_range_clipping(vae_run, latent_run):
     """x̂₀ clipping to [−1, 1] is for data space: the latent run's own ddpm_clip samples unclipped (and says
     so), in training, `sample` and `evaluate`; a clip_range chosen for latents is kept."""

@@ -49,6 +49,7 @@ def _wait_for_steps(cwd, n: int, proc, timeout: float = 120) -> None:
     raise AssertionError("the run did not reach its training loop")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1])
 def test_a_signal_stops_the_run_with_a_checkpoint_at_the_reported_step(tmp_path, sig):
     proc = _start([sys.executable, "-m", "diffuse", "train", *LONG], tmp_path)
@@ -68,6 +69,7 @@ def test_a_signal_stops_the_run_with_a_checkpoint_at_the_reported_step(tmp_path,
     assert not list(ckpt.parent.glob(".*tmp*"))
 
 
+@pytest.mark.slow
 def test_a_signal_to_one_rank_stops_both_at_the_same_step(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "diffuse",
            "train", *LONG]
@@ -119,6 +121,7 @@ def test_parse_max_time(value, seconds):
             parse_max_time(bad)
 
 
+@pytest.mark.slow
 def test_validation_loss_is_deterministic_and_falls(tmp_path):
     summary = _train(tmp_path, "run", ["trainer.max_steps=60", "trainer.val_every=10", "trainer.val_items=32",
                                        "trainer.log_every=10"])
@@ -149,6 +152,7 @@ def test_sample_quality_during_training_is_logged_and_returned(tmp_path):
     assert summary["fd"] == fd[4]["fd"] > 0
 
 
+@pytest.mark.slow
 def test_a_second_ctrl_c_exits_at_once(tmp_path):
     """Two SIGINTs 50 ms apart inside one slow step (the default 32² UNet, batch 64: ~0.5 s a step here): the
     second ends the process at once, before the first's checkpoint is written."""

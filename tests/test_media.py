@@ -1,5 +1,5 @@
 """Pictures and animations: sizes, tile placement and pixel values, 3-D views, frame counts and the held
-last frame, read back from the written files."""
+last frame, grids wrapped and animation rows cut at max_columns, read back from the written files."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from diffuse import media
+from diffuse.diffusion.generation import class_labels
 
 PAD, PAD_COLOR, PLOT_PAD = 2, 128, 3  # grid padding of images / plots, as media lays them out
 
@@ -229,3 +230,18 @@ def test_pick_frames():
     assert len(media.pick_frames(1000, 40)) == 40
     assert media.pick_frames(5, 40) == [0, 1, 2, 3, 4]
     assert media.pick_frames(10, 1) == [0, 9]
+
+
+def test_grids_wrap_and_animation_rows_are_cut_to_max_columns(tmp_path):
+    x = torch.rand(100, 1, 8, 8) * 2 - 1
+    wide = imageio.imread(media.save_grid(x, tmp_path / "a.png", nrow=50))
+    capped = imageio.imread(media.save_grid(x, tmp_path / "b.png", nrow=50, max_columns=10))
+    ten = imageio.imread(media.save_grid(x, tmp_path / "c.png", nrow=10))
+    assert capped.shape == ten.shape and capped.shape[1] < wide.shape[1]
+    assert media.first_columns(6, 3, 2) == ([0, 1, 3, 4], 2)
+    labels = class_labels(40, 4)  # 10 per class
+    states = [x[:40], x[40:80]]
+    path = media.save_animation(states, tmp_path / "a.gif", nrow=10, max_columns=4, row_labels=list("abcd"))
+    frames = imageio.mimread(path)
+    ref = media.render_frames([s[media.first_columns(40, 10, 4)[0]] for s in states], 4, row_labels=list("abcd"))
+    assert frames[0].shape[:2] == ref[0].shape[:2] and len(labels) == 40

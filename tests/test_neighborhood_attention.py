@@ -1,6 +1,7 @@
 """Neighborhood attention (models/attention.py) against brute force: full attention with an explicit k^d
 window mask built here from NATTEN's rules, in 1-D, 2-D and 3-D, with and without dilation, forward and
-backward, for every backend that runs on this machine."""
+backward, for every backend that runs on this machine; on a GPU, the flex and torch backends in fp32 and bf16
+(forward and gradients), the fused backend `auto` picks, and its fallback for narrow heads."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ import diffuse.models.attention as attention
 from diffuse.errors import DiffuseError
 from diffuse.models.attention import (NeighborhoodAttention, dense_is_cheaper, fit_window, neighborhood_attention,
                                       resolve_backend)
+
+from conftest import rel_err, requires_cuda
 
 
 @pytest.fixture(autouse=True)
@@ -279,3 +282,47 @@ def test_module_fits_windows_to_small_maps():
 def test_module_rejects_uneven_head_groups():
     with pytest.raises(ValueError, match="one group per dilation"):
         NeighborhoodAttention(12, heads=3, dilations=(1, 2))
+
+
+# ----- on a GPU: flex neighborhood attention, the CUDA backend `auto` picks without natten -----
+
+FLEX_CASES = [((64,), (7,), (2,)), ((16, 20), (5, 7), (1, 2)), ((8, 9, 10), (3, 3, 5), (2, 1, 1))]
+
+
+@requires_cuda
+@pytest.mark.parametrize("spatial,kernel,dilation", FLEX_CASES, ids=["1d", "2d", "3d"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-3), (torch.bfloat16, 2e-2)], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("backend", ["flex", "torch"])
+def test_neighborhood_attention_on_cuda_matches_brute_force(spatial, kernel, dilation, dtype, tol, backend):
+    """Forward and all three gradients against the masked full attention in float64 on the CPU; tolerances
+    are relative norms (fp32 on tensor cores lands near 3e-4, bf16 operands near 5e-3)."""
+    g = torch.Generator().manual_seed(len(spatial))
+    ref_in = [torch.randn(2, 4, *spatial, 16, generator=g, dtype=torch.float64).requires_grad_() for _ in range(3)]
+    weight = torch.randn(2, 4, *spatial, 16, generator=g, dtype=torch.float64)
+    ref = brute_force(*ref_in, kernel, dilation)
+    ref_grads = torch.autograd.grad((ref * weight).sum(), ref_in)
+
+    inputs = [t.detach().to("cuda", dtype).requires_grad_() for t in ref_in]
+    out = neighborhood_attention(*inputs, kernel, dilation, backend=backend)
+    grads = torch.autograd.grad((out * weight.to("cuda", dtype)).sum(), inputs)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert rel_err(out, ref) < tol
+    for name, got, want in zip("qkv", grads, ref_grads):
+        assert rel_err(got, want) < tol, name
+
+
+@requires_cuda
+def test_auto_backend_on_cuda_is_a_fused_one():
+    assert resolve_backend("auto", "cuda") in ("natten", "flex")
+
+
+@requires_cuda
+def test_narrow_heads_fall_back_from_flex_under_auto():
+    """flex's compiled kernels need heads ≥ 16 wide: auto takes the torch backend, an explicit flex says why."""
+    q, k, v = (torch.randn(2, 2, 12, 12, 4, device="cuda", requires_grad=True) for _ in range(3))
+    out = neighborhood_attention(q, k, v, 3, backend="auto")
+    out.sum().backward()
+    ref = brute_force(*(t.detach().double().cpu() for t in (q, k, v)), (3, 3), (1, 1))
+    assert rel_err(out, ref) < 2e-3
+    with pytest.raises(DiffuseError, match="head width of at least 16"):
+        neighborhood_attention(q, k, v, 3, backend="flex")

@@ -7,7 +7,11 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 from conftest import REPO
+
+pytestmark = pytest.mark.slow  # pip builds the wheel
 
 
 def test_wheel_contains_every_config(tmp_path):

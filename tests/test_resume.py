@@ -68,6 +68,7 @@ def test_resume_with_another_lr_schedule(tmp_path):
     assert group["lr"] == pytest.approx(_expected_lrs("cosine", 8, 2e-3, 8), rel=1e-12)
 
 
+@pytest.mark.slow
 def test_compiled_run_saves_plain_keys_and_resumes_uncompiled(tmp_path, monkeypatch):
     # the eager backend wraps the model as torch.compile does (an OptimizedModule with _orig_mod) without
     # the minutes inductor takes on this CPU
@@ -123,6 +124,7 @@ def _runs(cwd):
     return sorted(p.parent for p in (cwd / "outputs").glob("*/*/run.json"))
 
 
+@pytest.mark.slow
 def test_resumed_run_writes_only_into_its_own_folder(tmp_path):
     proc = run_cli(["train", *CLI_TRAIN, "trainer.max_steps=4"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -140,6 +142,7 @@ def test_resumed_run_writes_only_into_its_own_folder(tmp_path):
     assert steps == [1, 2, 3, 4, 5]  # no step twice
 
 
+@pytest.mark.slow
 def test_resume_from_a_file_outside_a_run_folder_starts_a_new_folder(tmp_path):
     _train(tmp_path, "run", ["trainer.max_steps=2"])
     loose = tmp_path / "home" / "model.ckpt"
@@ -152,6 +155,7 @@ def test_resume_from_a_file_outside_a_run_folder_starts_a_new_folder(tmp_path):
     assert load_checkpoint(run / "checkpoints" / "last.ckpt")["step"] == 3
 
 
+@pytest.mark.slow
 def test_each_job_finds_runs_of_its_own_kind(tmp_path):
     """After a diffusion run, a newer VAE run: sample and resume=auto still take the diffusion run; a newer
     diffusion run stopped before its first checkpoint is named, not silently skipped for an older one."""

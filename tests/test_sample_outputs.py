@@ -1,6 +1,6 @@
-"""The Flowers seed's outputs: `diffuse sample` writes one sample alone at the data's size (sample.png), and a
-training run keeps the table of its sample grids by step and epoch (samples/README.md, index.html, a W&B
-table); `experiment=flowers_unet` is the seed's setup."""
+"""What sampling writes: `diffuse sample` one sample alone at the data's size (sample.png), and a class grid
+capped at grid_max_columns while the .npz holds every sample; a training run keeps the table of its sample grids
+by step and epoch (samples/README.md, index.html, a W&B table)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,18 @@ import pytest
 import torch
 
 from diffuse import media
+from diffuse.data.shapes import CLASS_NAMES
 from diffuse.tracking import Tracker
 
-from conftest import TINY, compose_cfg
+from conftest import TINY
 from inproc_cli import run_inproc
+
+TRAIN = TINY + ["conditional=true", "trainer.max_steps=2", "trainer.sample_every=2", "trainer.val_items=0"]
+
+
+def _ok(res):
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return res
 
 
 def _u8(x: torch.Tensor) -> np.ndarray:
@@ -89,18 +97,6 @@ def test_log_table_turns_paths_into_images_and_never_raises(tmp_path, caplog):
     tracker.log_table("sample_grids", ["step", "grid"], [[3, "a.png"]], 8, ("grid",))  # W&B off: a no-op
 
 
-def test_flowers_experiment_is_the_seed(tmp_path):
-    cfg = compose_cfg("train", ["experiment=flowers_unet"])
-    assert (cfg.dataset.resolution, cfg.dataset.split, cfg.trainer.batch_size, cfg.trainer.epochs) == \
-        (64, "train", 64, 300)
-    assert (cfg.schedule.num_timesteps, cfg.model.base_channels, cfg.model.time_emb_dim) == (1000, 64, 128)
-    assert (cfg.sampler.steps, cfg.trainer.sample_steps, cfg.trainer.lr, cfg.trainer.lr_schedule) == \
-        (1000, 1000, 1e-4, "constant")
-    assert cfg.conditional is False and cfg.trainer.num_sample_images == 16
-    steps_per_epoch = 1020 // cfg.trainer.batch_size  # Flowers102's train split holds 1020 images
-    assert cfg.trainer.sample_every == 30 * steps_per_epoch  # the seed's table: a grid every 30 epochs
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("outputs")
@@ -128,3 +124,22 @@ def test_sample_writes_one_image_at_the_data_size(trained):
     img = imageio.imread(printed["sample"])
     assert img.shape == (64, 64, 3)  # 8² data upscaled ×8 (under 64 px)
     np.testing.assert_array_equal(img[::8, ::8], _u8(torch.from_numpy(x[0])))
+
+
+def test_a_1000_sample_class_grid_is_capped_and_the_npz_holds_all(tmp_path):
+    _ok(run_inproc(["train", *TRAIN, "trainer.sample_every=0"], tmp_path))
+    res = _ok(run_inproc(["sample", "num_samples=1000", "sampler.steps=2", "batch_size=500", "device=cpu"],
+                         tmp_path))
+    out = res.stdout + res.stderr
+    assert "1000 samples × 2 steps" in out and "2000/2000" in out  # advanced per step, not per batch
+    assert "first 16 of 250 samples per class" in out
+    printed = dict(re.findall(r"^(samples|grid): (.+)$", res.stdout, re.M))
+    data = np.load(printed["samples"])
+    assert data["x"].shape == (1000, 1, 8, 8) and np.bincount(data["y"]).tolist() == [250] * 4
+    grid = imageio.imread(printed["grid"])
+    x, y = torch.from_numpy(data["x"]), torch.from_numpy(data["y"])
+    names = CLASS_NAMES[2][:4]  # the shapes' class names label the rows
+    reference = imageio.imread(media.save_class_grid(x, y, tmp_path / "ref16.png", names, per_class=16))
+    assert grid.shape == reference.shape  # 16 columns (plus the class-name margin), 4 rows
+    wider = imageio.imread(media.save_class_grid(x, y, tmp_path / "ref17.png", names, per_class=17))
+    assert grid.shape[1] < wider.shape[1] and grid.shape[1] < 1100  # uncapped: 250 columns, ~15000 px

@@ -12,6 +12,8 @@ from diffuse.training.checkpoint import load_checkpoint
 
 from conftest import TINY, run_cli
 
+pytestmark = pytest.mark.slow  # each sweep runs `diffuse` in a subprocess
+
 SMALL = [a for a in TINY if a != "trainer.log_every=1"] + ["trainer.max_steps=3", "trainer.val_items=16"]
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 

@@ -76,6 +76,7 @@ def test_unreachable_server_falls_back_to_offline_fast(monkeypatch):
     assert time.perf_counter() - t0 < 10
 
 
+@pytest.mark.slow
 def test_hanging_server_falls_back_to_offline(tmp_path, monkeypatch, silent_server):
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)

@@ -46,6 +46,7 @@ def test_a_finite_loss_with_a_nan_gradient_skips_the_step(tmp_path, monkeypatch)
     assert all(torch.isfinite(v).all() for v in state["ema"]["model"].values() if v.is_floating_point())
 
 
+@pytest.mark.slow
 def test_persistent_nan_gradients_stop_the_run_and_keep_the_last_good_checkpoint(tmp_path):
     """Through the CLI: the loss is patched in the CLI's own process to be finite with a NaN gradient from the
     4th step on; the run stops with one line and last.ckpt stays the step-2 one, NaN-free."""
@@ -96,6 +97,7 @@ def test_keep_checkpoints_keeps_the_newest(tmp_path):
     assert names == ["last.ckpt", "step_4.ckpt", "step_5.ckpt"]
 
 
+@pytest.mark.slow
 def test_a_full_disk_is_one_line_and_leaves_last_ckpt_intact(tmp_path):
     """torch.save raises ENOSPC from the third call on (the step-4 checkpoint), in the CLI's process."""
     code = ("import errno, torch; s = torch.save; n = [0]\n"

@@ -91,6 +91,7 @@ def project(tmp_path_factory):
     return proj, ckpt, env, marker
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_a_user_model_builds_it_only_where_allowed(project, monkeypatch):
     proj, ckpt, env, marker = project
     marker.unlink()
@@ -116,6 +117,7 @@ def test_a_checkpoint_of_a_user_model_builds_it_only_where_allowed(project, monk
         sys.modules.pop("mypkg", None)  # other tests see a process where mypkg was never importable
 
 
+@pytest.mark.slow
 def test_project_configs_come_first_and_config_dir_still_works(project, tmp_path):
     proj, _, _, _ = project
     res = run_inproc(["train", "--help"], proj)
@@ -135,6 +137,7 @@ def test_project_configs_come_first_and_config_dir_still_works(project, tmp_path
     assert "base_channels: 32" in res.stdout
 
 
+@pytest.mark.slow
 def test_a_user_model_that_cannot_be_imported_is_one_line(project):
     proj, _, _, _ = project  # this process has no PYTHONPATH to mypkg
     line = one_error_line(run_inproc(["train", "experiment=mine"], proj), "train")

@@ -1,22 +1,15 @@
 """`diffuse train` with each model family from the command line (msnat in dim 1, 2, 3; shufflenet and
-spatial_transformer in 2-D), 2 steps at tiny sizes, then `diffuse sample` on every checkpoint."""
+spatial_transformer in 2-D; their tiny overrides in conftest), 2 steps, then `diffuse sample` on every checkpoint;
+a bad attention backend and a 3-D ShuffleNet are one clear line."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
-from conftest import run_cli
+from conftest import MSNAT, SHUFFLENET, SPATIAL_TRANSFORMER, TWO_TINY_STEPS, run_cli
 
-COMMON = ["trainer.max_steps=2", "trainer.batch_size=2", "dataset.size=16", "trainer.sample_every=0",
-          "trainer.log_every=1", "logger=none", "device=cpu"]
-# a 2-level MSNAT of width 8 for every dim (the model takes levels.dim{dim})
-TINY_LEVELS = "[{mult: 1, heads: 2, kernel: 3, dilations: [1, 2]}, {mult: 2, heads: 2, kernel: 3}]"
-MSNAT = ["model=msnat", "dataset.resolution=8", "model.base_channels=8", "model.time_emb_dim=8",
-         *[f"model.levels.dim{d}={TINY_LEVELS}" for d in (1, 2, 3)]]
-SHUFFLENET = ["model=shufflenet", "dim=2", "dataset.resolution=28", "model.base_channels=8", "model.units=1",
-              "model.time_emb_dim=16"]
-SPATIAL_TRANSFORMER = ["model=spatial_transformer", "dim=2", "dataset.resolution=32", "model.channels=[8,16,16,32]",
-                       "model.embed_dim=16", "model.context_dim=16"]
+pytestmark = pytest.mark.slow  # five tiny models trained and sampled through `diffuse` in subprocesses
 
 
 def _ok(proc):
@@ -26,9 +19,9 @@ def _ok(proc):
 
 def test_train_then_sample_each_model_from_the_cli(tmp_path):
     # the three MSNAT dims in one multirun (one process start-up)
-    _ok(run_cli(["train", "-m", "dim=1,2,3", *MSNAT, *COMMON], tmp_path))
-    _ok(run_cli(["train", *SHUFFLENET, *COMMON], tmp_path))
-    _ok(run_cli(["train", *SPATIAL_TRANSFORMER, *COMMON], tmp_path))
+    _ok(run_cli(["train", "-m", "dim=1,2,3", *MSNAT, *TWO_TINY_STEPS], tmp_path))
+    _ok(run_cli(["train", *SHUFFLENET, *TWO_TINY_STEPS], tmp_path))
+    _ok(run_cli(["train", *SPATIAL_TRANSFORMER, *TWO_TINY_STEPS], tmp_path))
     checkpoints = sorted(tmp_path.glob("multirun/*/*/*/checkpoints/last.ckpt")) + \
         sorted(tmp_path.glob("outputs/*/*/checkpoints/last.ckpt"))
     assert len(checkpoints) == 5, checkpoints
@@ -50,12 +43,12 @@ def test_train_then_sample_each_model_from_the_cli(tmp_path):
 
 
 def test_unknown_attention_backend_is_a_one_line_error(tmp_path):
-    proc = run_cli(["train", *MSNAT, "dim=2", "model.attention.backend=cuda", *COMMON], tmp_path)
+    proc = run_cli(["train", *MSNAT, "dim=2", "model.attention.backend=cuda", *TWO_TINY_STEPS], tmp_path)
     assert proc.returncode == 1
     assert "attention backend must be one of auto, torch, flex, natten" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
 def test_shufflenet_in_3d_is_a_clear_error(tmp_path):
-    proc = run_cli(["train", "model=shufflenet", "dim=3", "dataset.resolution=8", *COMMON], tmp_path)
+    proc = run_cli(["train", "model=shufflenet", "dim=3", "dataset.resolution=8", *TWO_TINY_STEPS], tmp_path)
     assert proc.returncode == 1 and "2-D only" in proc.stderr

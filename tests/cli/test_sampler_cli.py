@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from conftest import run_cli
+
+pytestmark = pytest.mark.slow  # `diffuse train` and `sample` with every sampler, in subprocesses
 
 SAMPLERS = ["ddpm", "ddpm_clip", "ddim", "euler_maruyama", "pc", "heun", "dpm_solver"]
 TINY_TRAIN = ["trainer.max_steps=4", "trainer.batch_size=8", "dataset.resolution=8", "dataset.size=64",

@@ -1,4 +1,7 @@
-"""The user's steps from issue 2, run through the real CLI in a subprocess (tiny sizes)."""
+"""`diffuse` from the command line, in a subprocess at tiny sizes: `train` writes its run folder (checkpoints,
+metrics, grids, animation, offline W&B), `sample`/`animate` find the newest checkpoint, samples do not depend on
+the batch size, `resume=auto`, a multirun, `--cfg`/`--help`, one clear line for bad input, the flag
+translation; on a GPU, train in bf16/fp16 and sample."""
 
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ import torch
 
 from diffuse.cli import split_flags, translate
 
-from conftest import TINY, run_cli
+from conftest import CUDA_TINY, TINY, requires_cuda, run_cli
 
 TRAIN = TINY + ["trainer.max_steps=6", "trainer.checkpoint_every=3", "trainer.sample_every=6",
                 "trainer.sample_steps=5", "trainer.num_sample_images=8", "logger.mode=offline"]
@@ -23,6 +26,10 @@ TRAIN = [a for a in TRAIN if a != "logger=none"]
 def _ok(proc):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
+
+
+def _losses(run_dir):
+    return {r["step"]: r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +42,7 @@ def trained(tmp_path_factory):
     return cwd, runs[0].parent.parent
 
 
+@pytest.mark.slow
 def test_train_writes_the_run_folder(trained):
     cwd, run = trained
     assert (run / ".hydra" / "config.yaml").is_file()
@@ -49,6 +57,7 @@ def test_train_writes_the_run_folder(trained):
     assert (run / "train.log").is_file()
 
 
+@pytest.mark.slow
 def test_sample_with_animation_finds_newest_checkpoint(trained):
     cwd, run = trained
     proc = _ok(run_cli(["sample", "--animation", "sampler.steps=10", "num_samples=8", "animation.frames=5",
@@ -74,6 +83,7 @@ def test_sample_with_animation_finds_newest_checkpoint(trained):
     assert grid.shape[0] > grid.shape[1]
 
 
+@pytest.mark.slow
 def test_sample_is_reproducible_whatever_the_batch_size(trained):
     cwd, run = trained
     ckpt = run / "checkpoints" / "last.ckpt"
@@ -87,12 +97,14 @@ def test_sample_is_reproducible_whatever_the_batch_size(trained):
     np.testing.assert_allclose(outs[0], outs[1], rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_animate_job_equals_sample_animation(trained):
     cwd, _ = trained
     proc = _ok(run_cli(["animate", "sampler.steps=4", "num_samples=4", "animation.frames=3", "device=cpu"], cwd))
     assert "animation: " in proc.stdout
 
 
+@pytest.mark.slow
 def test_resume_auto_continues_the_newest_run(trained):
     cwd, run = trained
     proc = _ok(run_cli(["train", "resume=auto", "trainer.max_steps=8", "logger=none"], cwd))
@@ -102,6 +114,23 @@ def test_resume_auto_continues_the_newest_run(trained):
     assert "resuming" in proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
+@requires_cuda
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_train_then_sample_from_the_cli_on_cuda(tmp_path, precision):
+    proc = run_cli(["train", *CUDA_TINY, "trainer.max_steps=6", f"trainer.precision={precision}",
+                    "trainer.sample_every=6", "trainer.sample_steps=5", "trainer.num_sample_images=4"], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run = next((tmp_path / "outputs").glob("*/*"))
+    assert (run / "samples" / "step_6.png").is_file()
+    assert all(map(lambda loss: loss == loss and loss < 10, _losses(run).values()))
+    proc = run_cli(["sample", f"checkpoint={run}", "device=cuda", "sampler=dpm_solver", "sampler.steps=8",
+                    "num_samples=8", "--animation"], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "samples: " in proc.stdout
+
+
+@pytest.mark.slow
 def test_multirun_sweep_runs_two_jobs(tmp_path):
     proc = _ok(run_cli(["train", "-m", "trainer.lr=1e-4,3e-4", *TINY, "trainer.max_steps=1"], tmp_path))
     ckpts = sorted((tmp_path / "multirun").glob("*/*/*/checkpoints/last.ckpt"))
@@ -110,6 +139,7 @@ def test_multirun_sweep_runs_two_jobs(tmp_path):
     assert lrs == [1e-4, 3e-4]
 
 
+@pytest.mark.slow
 def test_cfg_job_prints_config_and_help_lists_jobs(tmp_path):
     proc = _ok(run_cli(["train", "model.base_channels=16", "--cfg", "job", "seed=3"], tmp_path))
     assert "seed: 3" in proc.stdout
@@ -121,6 +151,7 @@ def test_cfg_job_prints_config_and_help_lists_jobs(tmp_path):
     assert "model: " in proc.stdout and "unet" in proc.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args,message", [
     (["train", "model=nonexistent"], r"Could not find 'model/nonexistent'.*Available options in 'model'"),
     (["train", "dim=4"], r"dim must be 1, 2 or 3; got 4"),
@@ -134,12 +165,14 @@ def test_bad_input_is_one_clear_error(tmp_path, args, message):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_sample_without_any_checkpoint_says_train_first(tmp_path):
     proc = run_cli(["sample"], tmp_path)
     assert proc.returncode != 0 and "run `diffuse train` first" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_sample_from_corrupt_checkpoint(tmp_path):
     bad = tmp_path / "bad.ckpt"
     bad.write_text("not a checkpoint")

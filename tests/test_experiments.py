@@ -1,0 +1,116 @@
+"""Every file in conf/experiment/, found by globbing the folder: it composes, every interpolation resolves, its
+values pass validation, and `diffuse train experiment=NAME` trains 2 steps at tiny sizes and writes a checkpoint;
+the published setups hold their seeds' values (model, data, schedule, sampler, optimizer, length)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from diffuse.app import CONF_DIR
+from diffuse.training.checkpoint import load_checkpoint
+from diffuse.validation import validate
+
+from conftest import MSNAT, SHUFFLENET, SPATIAL_TRANSFORMER, TINY, compose_cfg, write_tiny_flowers
+from inproc_cli import run_inproc
+
+EXPERIMENTS = [path.stem for path in sorted((Path(CONF_DIR) / "experiment").glob("*.yaml"))]
+
+
+# -- every experiment trains --------------------------------------------------------------------------------
+def _model_args(args: list[str]) -> list[str]:
+    return [a for a in args if a.startswith("model.")]
+
+
+# per model family: the tiny width (conftest's) and a data resolution that model can halve at every level
+TINY_MODELS = {
+    "diffuse.models.unet.UNet": (_model_args(TINY), 8),
+    "diffuse.models.msnat.MSNATUNet": (_model_args(MSNAT), 8),
+    "diffuse.models.shufflenet.ShuffleNetUNet": (_model_args(SHUFFLENET), 28),
+    "diffuse.models.spatial_transformer.SpatialTransformerUNet": (_model_args(SPATIAL_TRANSFORMER), 28),
+}
+TWO_STEPS = ["trainer.max_steps=2", "trainer.epochs=null", "trainer.batch_size=2", "trainer.log_every=1",
+             "trainer.sample_every=0", "trainer.final_samples=false", "trainer.val_items=0", "trainer.eval_every=0",
+             "logger=none", "device=cpu"]
+
+
+def _data_args(dataset_target: str, request, tmp_path: Path) -> list[str]:
+    """Where the experiment's data comes from in a test: shapes are made, MNIST/Fashion-MNIST read from
+    ../shared/data (skipped where absent), Flowers102 from a tiny folder in its format."""
+    name = dataset_target.rsplit(".", 1)[-1]
+    if name == "ShapesDataset":
+        return ["dataset.size=16"]
+    if name in ("MNISTDataset", "FashionMNISTDataset"):
+        root = request.getfixturevalue("shared_data")
+        folder = "MNIST" if name == "MNISTDataset" else "FashionMNIST"
+        if not (root / folder / "raw").is_dir():
+            pytest.skip(f"../shared/data/{folder} not present")
+        return [f"dataset.root={root}", "dataset.split=test"]
+    if name == "Flowers102Dataset":
+        pytest.importorskip("scipy")
+        return [f"dataset.root={write_tiny_flowers(tmp_path / 'data')}"]
+    return []  # a dataset with no rule here: the experiment's own (add a rule above if it needs files)
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_experiment_trains(name, request, tmp_path):
+    cfg = compose_cfg("train", [f"experiment={name}"])
+    OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+    validate(cfg, "train")  # the experiment's own values, before the tiny overrides below
+    model_args, resolution = TINY_MODELS.get(cfg.model._target_, ([], cfg.dataset.resolution))
+    args = [f"experiment={name}", *model_args, f"dataset.resolution={resolution}",
+            *_data_args(cfg.dataset._target_, request, tmp_path), *TWO_STEPS]
+    res = run_inproc(["train", *args], tmp_path)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    (ckpt,) = tmp_path.glob("outputs/*/*/checkpoints/last.ckpt")
+    assert load_checkpoint(ckpt)["step"] == 2
+
+
+# -- the published setups -------------------------------------------------------------------------------------
+SEED_VALUES = {  # the published setups each experiment reproduces
+    "mnist_shufflenet": {"model._target_": "diffuse.models.shufflenet.ShuffleNetUNet", "dataset._target_":
+                         "diffuse.data.vision.MNISTDataset", "schedule.num_timesteps": 1000, "sampler.clip_x0": True,
+                         "trainer.lr_schedule": "onecycle", "trainer.epochs": 30, "conditional": False},
+    "flowers_unet": {"model._target_": "diffuse.models.unet.UNet", "dataset._target_":
+                     "diffuse.data.vision.Flowers102Dataset", "dataset.resolution": 64, "schedule.num_timesteps": 1000,
+                     "model.base_channels": 64, "model.time_emb_dim": 128, "trainer.batch_size": 64,
+                     "trainer.epochs": 300},
+    "mnist_cond_vesde": {"model._target_": "diffuse.models.spatial_transformer.SpatialTransformerUNet",
+                         "dataset._target_": "diffuse.data.vision.MNISTDataset", "schedule.sigma": 25.0,
+                         "sampler._target_": "diffuse.diffusion.samplers.EulerMaruyama", "sampler.steps": 250,
+                         "conditional": True, "model.num_classes": 10},
+    "fashion_cond_vesde": {"model._target_": "diffuse.models.spatial_transformer.SpatialTransformerUNet",
+                           "dataset._target_": "diffuse.data.vision.FashionMNISTDataset", "schedule.sigma": 25.0,
+                           "sampler._target_": "diffuse.diffusion.samplers.EulerMaruyama", "sampler.steps": 250,
+                           "conditional": True, "model.num_classes": 10},
+}
+
+
+@pytest.mark.parametrize("name", sorted(SEED_VALUES))
+def test_experiment_composes_with_the_seed_values(name):
+    cfg = compose_cfg("train", [f"experiment={name}"])
+    OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+    assert cfg.dim == 2 and cfg.dataset.dim == 2
+    for key, value in SEED_VALUES[name].items():
+        assert OmegaConf.select(cfg, key) == value, key
+
+
+def test_flowers_experiment_is_the_seed(tmp_path):
+    cfg = compose_cfg("train", ["experiment=flowers_unet"])
+    assert (cfg.dataset.resolution, cfg.dataset.split, cfg.trainer.batch_size, cfg.trainer.epochs) == \
+        (64, "train", 64, 300)
+    assert (cfg.schedule.num_timesteps, cfg.model.base_channels, cfg.model.time_emb_dim) == (1000, 64, 128)
+    assert (cfg.sampler.steps, cfg.trainer.sample_steps, cfg.trainer.lr, cfg.trainer.lr_schedule) == \
+        (1000, 1000, 1e-4, "constant")
+    assert cfg.conditional is False and cfg.trainer.num_sample_images == 16
+    steps_per_epoch = 1020 // cfg.trainer.batch_size  # Flowers102's train split holds 1020 images
+    assert cfg.trainer.sample_every == 30 * steps_per_epoch  # the seed's table: a grid every 30 epochs
+
+
+@pytest.mark.parametrize("name", [n for n in EXPERIMENTS if n.startswith("msnat_")])
+def test_msnat_experiments_compose(name):
+    cfg = compose_cfg("train", [f"experiment={name}"])
+    assert cfg.model._target_.endswith("MSNATUNet") and cfg.dim == int(name[-2])
+    assert cfg.dataset._target_.endswith("ShapesDataset")
