@@ -171,8 +171,8 @@ JOBS = {
                "precision": PRECISION, "use_ema": BOOL, "view": Choice("slices", "mip"),
                "grid_max_columns": Int(1), "animation.enabled": BOOL, "animation.frames": Int(2), "animation.fps": Int(1),
                "animation.format": Choice("gif", "mp4"), "animation.hold": Float(0), "animation.strip_steps": Int(1)},
-    "evaluate": {**COMMON, "num_samples": Int(2), "batch_size": Int(1), "precision": PRECISION, "use_ema": BOOL,
-                 "save_samples": BOOL, "inception_batch_size": Int(1), "kid_subset_size": Int(2),
+    "evaluate": {**COMMON, "num_samples": Int(2), "label_bank": Int(1), "batch_size": Int(1), "precision": PRECISION,
+                 "use_ema": BOOL, "save_samples": BOOL, "inception_batch_size": Int(1), "kid_subset_size": Int(2),
                  "kid_subsets": Int(1), "prc_neighborhood": Int(1)},
     "export": {"use_ema": BOOL},
 }

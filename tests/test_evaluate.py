@@ -42,6 +42,7 @@ def test_evaluate_writes_metrics_for_each_sampler(checkpoint):
         assert math.isfinite(r["fd"]) and r["fd"] > r["fd_real_vs_real"] >= 0  # 3 steps of training: far off
         assert 0 <= r["label_agreement"] <= 1 and 0 <= r["off_range_fraction"] <= 1
         assert 0 <= r["label_agreement_real"] <= 1
+        assert r["label_bank"] == 40  # the 64 shapes but the 24 of the ceiling set (label_bank: 10000)
         assert -1 <= r["mean"] <= 1 and r["real_std"] > 0
     # the real sets do not depend on the sampler: the same floor and ceiling in both runs
     assert results[0]["fd_real_vs_real"] == results[1]["fd_real_vs_real"]
@@ -76,3 +77,28 @@ def test_reference_is_the_test_split(shared_data):
         "resolution": 28, "channels": 1, "num_classes": 10}})
     dataset = reference_dataset(saved, "test", str(shared_data))
     assert len(dataset) == 10000
+
+
+class _Indexed:
+    """A dataset whose item i is the image filled with i (label i % 10): shows which items a set holds."""
+
+    def __len__(self):
+        return 100
+
+    def get_batch(self, index, generator=None):
+        import torch
+        index = torch.as_tensor(index)
+        return index.float().view(-1, 1, 1, 1).expand(-1, 1, 2, 2).clone(), index % 10
+
+
+def test_label_bank_holds_the_reference_set_and_more_never_the_ceiling_set():
+    from diffuse.jobs.evaluate import label_bank, real_sets
+    data = _Indexed()
+    x_a, _, x_b, _ = real_sets(data, 20)
+    ids = lambda x: set(x[:, 0, 0, 0].long().tolist())  # noqa: E731
+    bank_x, bank_y = label_bank(data, 20, 70)
+    assert len(bank_y) == 70 and ids(x_a) <= ids(bank_x) and not ids(x_b) & ids(bank_x)
+    assert bank_x[:20].equal(x_a)  # the FD reference set first, in the same order
+    assert (bank_y == bank_x[:, 0, 0, 0].long() % 10).all()
+    assert len(label_bank(data, 20, 500)[1]) == 80  # capped by the data (100 − the 20 of the ceiling set)
+    assert len(label_bank(data, 20, 5)[1]) == 20  # never smaller than the reference set

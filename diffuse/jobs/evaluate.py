@@ -41,18 +41,33 @@ def reference_dataset(saved: DictConfig, split: str | None, data_root: str | Non
     return build(node, "dataset")
 
 
+def _reference_order(dataset) -> torch.Tensor:
+    """A fixed random order of the reference data: the first n are the reference set, the next n the second."""
+    return torch.randperm(len(dataset), generator=torch.Generator().manual_seed(1234))
+
+
 def real_sets(dataset, n: int):
     """Two disjoint random sets of real images with labels: the reference (x_a [n, C, *sp], y_a [n]) and,
     when the dataset holds 2n images, a second set for the floors (x_b, y_b; else None, None)."""
     if len(dataset) < n:
         raise DiffuseError(f"num_samples={n} but the reference data holds only {len(dataset)} images")
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(1234))
+    order = _reference_order(dataset)
     fixed = torch.Generator().manual_seed(0)  # any augmentation (hflip) the same every time
     x_a, y_a = dataset.get_batch(order[:n], fixed)
     if len(dataset) < 2 * n:
         return x_a.float().cpu(), y_a.cpu(), None, None
     x_b, y_b = dataset.get_batch(order[n:2 * n], fixed)
     return x_a.float().cpu(), y_a.cpu(), x_b.float().cpu(), y_b.cpu()
+
+
+def label_bank(dataset, n: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The real images label agreement looks up (x [M, C, *sp], y [M]): the reference set and further images,
+    up to `size` (at least n), never the second set, whose own agreement is the ceiling. A bigger bank judges
+    better: on MNIST the nearest of 1000 test digits has the right class 90 % of the time, of 9000 about 96 %."""
+    order = _reference_order(dataset)
+    keep = torch.cat([order[:n], order[2 * n:]])[:max(int(size), n)]
+    x, y = dataset.get_batch(keep, torch.Generator().manual_seed(0))
+    return x.float().cpu(), y.cpu()
 
 
 def metric_names(value) -> tuple[bool, tuple[str, ...]]:
@@ -120,12 +135,14 @@ def _run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> 
         result["fd"] = metrics.frechet_distance(metrics.features(net, x), feats_real)
         result["fd_real_vs_real"] = None if real_b is None else metrics.frechet_distance(metrics.features(net, real_b),
                                                                                           feats_real)
+    bank_x, bank_y = (None, None) if labels is None else label_bank(dataset, n, cfg.get("label_bank", n))
     result.update({
         "label_agreement": None if labels is None else
-        float((metrics.nearest_label(x, real_a, real_y) == labels).float().mean()),
+        float((metrics.nearest_label(x, bank_x, bank_y) == labels).float().mean()),
         # the same nearest-neighbour rule on real images: the ceiling label_agreement can reach
         "label_agreement_real": None if labels is None or real_b is None else
-        float((metrics.nearest_label(real_b, real_a, real_y) == real_b_y).float().mean()),
+        float((metrics.nearest_label(real_b, bank_x, bank_y) == real_b_y).float().mean()),
+        "label_bank": None if labels is None else len(bank_y),
         "off_range_fraction": metrics.off_range_fraction(x, real_a),
         "mean": float(x.mean()), "std": float(x.std()), "real_mean": float(real_a.mean()),
         "real_std": float(real_a.std()),
