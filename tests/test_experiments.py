@@ -72,19 +72,22 @@ def test_every_experiment_trains(name, request, tmp_path):
 SEED_VALUES = {  # the published setups each experiment reproduces
     "mnist_shufflenet": {"model._target_": "diffuse.models.shufflenet.ShuffleNetUNet", "dataset._target_":
                          "diffuse.data.vision.MNISTDataset", "schedule.num_timesteps": 1000, "sampler.clip_x0": True,
-                         "trainer.lr_schedule": "onecycle", "trainer.epochs": 30, "conditional": False},
+                         "trainer.lr_schedule": "onecycle", "trainer.epochs": 30, "conditional": False,
+                         "objective.prediction": "eps", "objective.weighting": "none"},
     "flowers_unet": {"model._target_": "diffuse.models.unet.UNet", "dataset._target_":
                      "diffuse.data.vision.Flowers102Dataset", "dataset.resolution": 64, "schedule.num_timesteps": 1000,
                      "model.base_channels": 64, "model.time_emb_dim": 128, "trainer.batch_size": 64,
-                     "trainer.epochs": 300},
+                     "trainer.epochs": 300, "objective.prediction": "eps", "objective.weighting": "none"},
     "mnist_cond_vesde": {"model._target_": "diffuse.models.spatial_transformer.SpatialTransformerUNet",
                          "dataset._target_": "diffuse.data.vision.MNISTDataset", "schedule.sigma": 25.0,
                          "sampler._target_": "diffuse.diffusion.samplers.EulerMaruyama", "sampler.steps": 250,
-                         "conditional": True, "model.num_classes": 10},
+                         "conditional": True, "model.num_classes": 10, "objective.prediction": "eps",
+                         "objective.weighting": "none", "sampler.final_denoise": True},
     "fashion_cond_vesde": {"model._target_": "diffuse.models.spatial_transformer.SpatialTransformerUNet",
                            "dataset._target_": "diffuse.data.vision.FashionMNISTDataset", "schedule.sigma": 25.0,
                            "sampler._target_": "diffuse.diffusion.samplers.EulerMaruyama", "sampler.steps": 250,
-                           "conditional": True, "model.num_classes": 10},
+                           "conditional": True, "model.num_classes": 10, "objective.prediction": "eps",
+                           "objective.weighting": "none", "sampler.final_denoise": True},
 }
 
 

@@ -149,3 +149,33 @@ def test_label_dropout_for_classifier_free_guidance():
         DiffusionLoss(prediction="score")
     with pytest.raises(ValueError, match="weighting"):
         DiffusionLoss(weighting="p2")
+
+
+def test_v_keeps_the_x0_error_bounded_at_high_noise_where_eps_multiplies_it():
+    """Why the default objective is v: an error δ in the network's output becomes an x̂₀ error of σ/α·δ for
+    eps (157·δ at t = 1 on the linear schedule: an under-trained model's small offset turns a few-step
+    sample all-white or all-black) but of σ/(α² + σ²)·δ = σ·δ ≤ δ for v (x̂₀ = (αx − σv̂)/(α² + σ²))."""
+    sched = LinearSchedule()
+    t = torch.tensor(1.0, dtype=torch.float64)
+    a, s = sched.alpha(t), sched.sigma(t)
+    x_t = torch.randn(1, 16, dtype=torch.float64)
+    delta = 0.01
+    err = {}
+    for prediction in ("eps", "v"):
+        out = torch.randn(1, 16, dtype=torch.float64)
+        x0 = eps_to_x0(prediction_to_eps(out, x_t, a, s, prediction), x_t, a, s)
+        x0_off = eps_to_x0(prediction_to_eps(out + delta, x_t, a, s, prediction), x_t, a, s)
+        err[prediction] = (x0_off - x0).abs().max().item()
+    assert err["eps"] == pytest.approx(float(s / a) * delta, rel=1e-6) and float(s / a) > 150
+    assert err["v"] == pytest.approx(float(s / (a**2 + s**2)) * delta, rel=1e-6) and err["v"] <= delta
+
+
+def test_default_objective_is_v_with_min_snr_and_eps_on_the_vesde():
+    from conftest import compose_cfg
+
+    for overrides, want in (([], ("v", "min_snr")), (["schedule=cosine"], ("v", "min_snr")),
+                            (["schedule=vesde"], ("eps", "none")),
+                            (["schedule=vesde", "objective.prediction=v"], ("v", "none")),  # the command line wins
+                            (["experiment=mnist_shufflenet"], ("eps", "none"))):  # a seed keeps its loss
+        cfg = compose_cfg("train", overrides)
+        assert (cfg.objective.prediction, cfg.objective.weighting) == want, overrides
