@@ -94,11 +94,11 @@ class _Indexed:
 def test_label_bank_holds_the_reference_set_and_more_never_the_ceiling_set():
     from diffuse.jobs.evaluate import label_bank, real_sets
     data = _Indexed()
-    x_a, _, x_b, _ = real_sets(data, 20)
+    x_a, y_a, x_b, _ = real_sets(data, 20)
     ids = lambda x: set(x[:, 0, 0, 0].long().tolist())  # noqa: E731
-    bank_x, bank_y = label_bank(data, 20, 70)
+    bank_x, bank_y = label_bank(data, 20, 70, (x_a, y_a))
     assert len(bank_y) == 70 and ids(x_a) <= ids(bank_x) and not ids(x_b) & ids(bank_x)
     assert bank_x[:20].equal(x_a)  # the FD reference set first, in the same order
     assert (bank_y == bank_x[:, 0, 0, 0].long() % 10).all()
-    assert len(label_bank(data, 20, 500)[1]) == 80  # capped by the data (100 − the 20 of the ceiling set)
-    assert len(label_bank(data, 20, 5)[1]) == 20  # never smaller than the reference set
+    assert len(label_bank(data, 20, 500, (x_a, y_a))[1]) == 80  # capped by the data (100 − the 20 of the ceiling set)
+    assert len(label_bank(data, 20, 5, (x_a, y_a))[1]) == 20  # never smaller than the reference set

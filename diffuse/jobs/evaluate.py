@@ -60,14 +60,28 @@ def real_sets(dataset, n: int):
     return x_a.float().cpu(), y_a.cpu(), x_b.float().cpu(), y_b.cpu()
 
 
-def label_bank(dataset, n: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The real images label agreement looks up (x [M, C, *sp], y [M]): the reference set and further images,
-    up to `size` (at least n), never the second set, whose own agreement is the ceiling. A bigger bank judges
-    better: on MNIST the nearest of 1000 test digits has the right class 90 % of the time, of 9000 about 96 %."""
-    order = _reference_order(dataset)
-    keep = torch.cat([order[:n], order[2 * n:]])[:max(int(size), n)]
-    x, y = dataset.get_batch(keep, torch.Generator().manual_seed(0))
-    return x.float().cpu(), y.cpu()
+def label_bank(dataset, n: int, size: int, reference: tuple[torch.Tensor, torch.Tensor]):
+    """The real images label agreement looks up (x [M, C, *sp], y [M]): the reference set (x_a, y_a of
+    real_sets, reused, not loaded again) and further images, up to `size` (at least n), never the second set,
+    whose own agreement is the ceiling. A bigger bank judges better: on MNIST the nearest of 1000 test digits
+    has the right class 90 % of the time, of 9000 about 96 %."""
+    x_a, y_a = reference
+    extra = _reference_order(dataset)[2 * n:][:max(int(size) - n, 0)]
+    if len(extra) == 0:
+        return x_a, y_a
+    x, y = dataset.get_batch(extra, torch.Generator().manual_seed(0))
+    return torch.cat([x_a, x.float().cpu()]), torch.cat([y_a, y.cpu()])
+
+
+def label_scores(x: torch.Tensor, labels: torch.Tensor, bank: tuple[torch.Tensor, torch.Tensor],
+                 real_b: torch.Tensor | None, real_b_y: torch.Tensor | None) -> dict:
+    """label_agreement of samples x asked for `labels`, the same rule's score on the real second set (its
+    ceiling; None without one) and the bank's size."""
+    bank_x, bank_y = bank
+    return {"label_agreement": float((metrics.nearest_label(x, bank_x, bank_y) == labels).float().mean()),
+            "label_agreement_real": None if real_b is None else
+            float((metrics.nearest_label(real_b, bank_x, bank_y) == real_b_y).float().mean()),
+            "label_bank": len(bank_y)}
 
 
 def metric_names(value) -> tuple[bool, tuple[str, ...]]:
@@ -135,14 +149,10 @@ def _run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> 
         result["fd"] = metrics.frechet_distance(metrics.features(net, x), feats_real)
         result["fd_real_vs_real"] = None if real_b is None else metrics.frechet_distance(metrics.features(net, real_b),
                                                                                           feats_real)
-    bank_x, bank_y = (None, None) if labels is None else label_bank(dataset, n, cfg.get("label_bank", n))
+    result.update({"label_agreement": None, "label_agreement_real": None, "label_bank": None} if labels is None
+                  else label_scores(x, labels, label_bank(dataset, n, cfg.get("label_bank", n), (real_a, real_y)),
+                                    real_b, real_b_y))
     result.update({
-        "label_agreement": None if labels is None else
-        float((metrics.nearest_label(x, bank_x, bank_y) == labels).float().mean()),
-        # the same nearest-neighbour rule on real images: the ceiling label_agreement can reach
-        "label_agreement_real": None if labels is None or real_b is None else
-        float((metrics.nearest_label(real_b, bank_x, bank_y) == real_b_y).float().mean()),
-        "label_bank": None if labels is None else len(bank_y),
         "off_range_fraction": metrics.off_range_fraction(x, real_a),
         "mean": float(x.mean()), "std": float(x.std()), "real_mean": float(real_a.mean()),
         "real_std": float(real_a.std()),
