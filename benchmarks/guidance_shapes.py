@@ -24,7 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sampler_quality import RandomFeatures, frechet_distance, nearest_label, train_small  # noqa: E402
 
 from diffuse.diffusion.generation import class_labels, generate  # noqa: E402
-from diffuse.jobs.common import build, load_run, resolve_device  # noqa: E402
+from diffuse.diffusion.guidance import null_class_of  # noqa: E402
+from diffuse.building import build  # noqa: E402
+from diffuse.devices import resolve_device  # noqa: E402
+from diffuse.jobs.common import load_run  # noqa: E402
 
 CONF = Path(__file__).resolve().parents[1] / "diffuse" / "conf" / "sampler"
 
@@ -44,7 +47,7 @@ def main(argv=None) -> int:
     device = resolve_device(args.device)
     loaded = load_run(str(args.checkpoint or train_small(args.train_steps)), device)
     model, cfg = loaded.model, loaded.config
-    if getattr(model, "null_class", None) is None:
+    if null_class_of(model) is None:
         print("the checkpoint's model has no null class: train it with conditional=true")
         return 1
     dataset = build(cfg.dataset, "dataset")
@@ -63,12 +66,11 @@ def main(argv=None) -> int:
     rows = []
     for w in (float(v) for v in args.scales.split(",")):
         node = OmegaConf.load(CONF / f"{args.sampler}.yaml")
-        node.guidance_scale = w
         if args.steps:
             node.steps = args.steps
         sampler = instantiate(node)
         out = generate(model, loaded.schedule, sampler, shape, len(labels), labels=labels, seed=0,
-                       batch_size=len(labels), prediction=cfg.objective.prediction, null_class=model.null_class,
+                       batch_size=len(labels), prediction=cfg.objective.prediction, guidance_scale=w,
                        device=device)
         x = out.x.clamp(-1, 1)
         hit = nearest_label(x, bank_x, bank_y) == labels

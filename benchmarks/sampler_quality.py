@@ -35,7 +35,9 @@ from diffuse.diffusion.generation import class_labels, generate
 from diffuse.diffusion.guidance import Denoiser
 from diffuse.diffusion.samplers import (DDIM, DDPM, DPMSolverPP, EulerMaruyama, Heun, NoiseSource,
                                         PredictorCorrector, prior_sample)
-from diffuse.jobs.common import build, load_run, resolve_device
+from diffuse.building import build
+from diffuse.devices import resolve_device
+from diffuse.jobs.common import load_run
 from diffuse.metrics import RandomFeatures, frechet_distance, nearest_label, off_range_fraction
 
 # (name, sampler, steps): NFE ≈ 10 / 20 / 50 / 100 for each, ddpm up to its full 1000
@@ -100,7 +102,7 @@ def diffusers_check(loaded, device, shape, n: int) -> list[dict]:
     labels = None if labels is None else labels[:n].to(device)
     rows = []
     # warm-up (cuDNN autotuning, allocator growth), so that the first timed row is not charged for it
-    Denoiser(model, loaded.schedule, prediction, y=labels, null_class=getattr(model, "null_class", None)).eps(
+    Denoiser(model, loaded.schedule, prediction, y=labels).eps(
         prior_sample(loaded.schedule, NoiseSource(range(n), device), shape), 0.5)
     print(f"\ncross-check against diffusers {diffusers.__version__} (same network, noise and grid; {n} samples)")
     print(f"{'scheduler':<34}{'steps':>6}{'max |Δx|':>12}{'ours s':>9}{'diffusers s':>13}{'ratio':>7}")
@@ -118,12 +120,12 @@ def diffusers_check(loaded, device, shape, n: int) -> list[dict]:
             grid = torch.cat([(ref.timesteps.double() + 1) / T, torch.zeros(1, dtype=torch.float64)])
             x_T = prior_sample(loaded.schedule, NoiseSource(range(n), device), shape)
 
-            den = Denoiser(model, loaded.schedule, prediction, y=labels, null_class=getattr(model, "null_class", None))
+            den = Denoiser(model, loaded.schedule, prediction, y=labels)
             t0 = time.perf_counter()
             ours = ours_cls(steps).run(den, x_T.clone(), grid, None, None)
             t_ours = time.perf_counter() - t0
 
-            den = Denoiser(model, loaded.schedule, prediction, y=labels, null_class=getattr(model, "null_class", None))
+            den = Denoiser(model, loaded.schedule, prediction, y=labels)
             t0 = time.perf_counter()
             x = x_T.clone()
             for ts in ref.timesteps:
@@ -183,8 +185,7 @@ def main(argv=None) -> int:
         sampler = make(steps)
         t0 = time.time()
         out = generate(model, loaded.schedule, sampler, shape, n, labels=labels, seed=10_000,
-                       batch_size=args.batch_size, prediction=cfg.objective.prediction,
-                       null_class=getattr(model, "null_class", None), device=device)
+                       batch_size=args.batch_size, prediction=cfg.objective.prediction, device=device)
         elapsed = time.time() - t0
         x = out.x.clamp(-1, 1)
         fd = frechet_distance(feats(x), ref_feats)

@@ -21,7 +21,7 @@ from diffuse.errors import DiffuseError
 
 # Where the classes that a stored config may build live: the parts, not the jobs, trackers or trainers.
 PART_PACKAGES = ("diffuse.models.", "diffuse.diffusion.schedules.", "diffuse.diffusion.samplers.",
-                 "diffuse.data.", "diffuse.latent.")
+                 "diffuse.data.")
 
 
 def build(node: DictConfig | dict, what: str, **kwargs):
@@ -40,6 +40,25 @@ def build(node: DictConfig | dict, what: str, **kwargs):
             msg += (f" (_target_: {target}: install its package, or put the folder that holds it on "
                     "PYTHONPATH; the `diffuse` command does not import from the current folder)")
         raise DiffuseError(f"cannot build {what}: {msg}") from None
+
+
+# Classes that moved since checkpoints were first written: old stored name → its home now.
+MOVED_TARGETS = {"diffuse.latent.LatentDataset": "diffuse.data.latent.LatentDataset"}
+
+
+def upgrade_targets(config):
+    """Rename moved classes (MOVED_TARGETS) in a stored config, in place, so that older files still load;
+    returns it. Only exact `_target_` strings are renamed: nothing is imported or called."""
+    if isinstance(config, dict):
+        for key, value in config.items():
+            if key == "_target_" and isinstance(value, str) and value in MOVED_TARGETS:
+                config[key] = MOVED_TARGETS[value]
+            else:
+                upgrade_targets(value)
+    elif isinstance(config, list):
+        for value in config:
+            upgrade_targets(value)
+    return config
 
 
 def _walk(node, path: str):

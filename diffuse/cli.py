@@ -84,6 +84,21 @@ def split_flags(args: list[str]) -> tuple[list[str], list[str]]:
     return overrides, flags
 
 
+# Jobs whose `sampler` is optional (null: the run's own sampler, read from its checkpoint).
+OWN_SAMPLER_JOBS = ("sample", "evaluate")
+
+
+def own_sampler_overrides(config_name: str, overrides: list[str]) -> list[str]:
+    """`diffuse sample sampler.steps=50` with no `sampler=X`: the run's own sampler with steps=50. The config
+    has no sampler node then (sampler: null), and Hydra adds keys to a missing node only with `+` (and in a
+    sweep such as `-m sampler=ddim,heun sampler.steps=50` composes the base config before any choice), so
+    such overrides become `++sampler.steps=50` (add or override): the composed config then holds a sampler
+    node of bare values, which the job lays over the run's own sampler, or the chosen sampler's own node."""
+    if config_name not in OWN_SAMPLER_JOBS:
+        return overrides
+    return [f"++{o}" if o.startswith("sampler.") else o for o in overrides]
+
+
 def _distributed_overrides() -> list[str]:
     """Under torchrun (or several Slurm tasks) only rank 0 writes a Hydra run dir; the others write nothing."""
     from diffuse.training.distributed import launched_rank_world
@@ -106,6 +121,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     config_name, extra = ALIASES.get(job, (job, []))
     overrides, flags = split_flags(translate(rest))
+    overrides = own_sampler_overrides(config_name, overrides)
     overrides = extra + overrides + [f"hydra.job.name={config_name}"] + _distributed_overrides() + flags
     from diffuse.app import launch  # Hydra is imported only once we know there is a job to run
 

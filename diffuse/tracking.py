@@ -12,10 +12,9 @@ import json
 import logging
 import math
 import os
-import socket
-import threading
 from pathlib import Path
-from urllib.parse import urlparse
+
+from diffuse.network import reachable
 
 log = logging.getLogger(__name__)
 
@@ -32,25 +31,6 @@ def _api_key_configured() -> bool:
         return False
 
 
-def _reachable(url: str, timeout: float) -> bool:
-    """TCP connect to the W&B host within `timeout` seconds (DNS included, which may itself hang)."""
-    parsed = urlparse(url)
-    host, port = parsed.hostname or "api.wandb.ai", parsed.port or (443 if parsed.scheme != "http" else 80)
-    ok = [False]
-
-    def probe():
-        try:
-            with socket.create_connection((host, port), timeout=timeout):
-                ok[0] = True
-        except OSError:
-            pass
-
-    th = threading.Thread(target=probe, daemon=True)
-    th.start()
-    th.join(timeout)
-    return ok[0]
-
-
 def resolve_mode(mode: str, probe_timeout: float = 3.0) -> str:
     """The W&B mode to use for a requested one, after checking key and network."""
     if mode not in MODES:
@@ -60,7 +40,7 @@ def resolve_mode(mode: str, probe_timeout: float = 3.0) -> str:
         mode = env_mode
     if mode == "auto":
         mode = "online" if _api_key_configured() else "offline"
-    if mode == "online" and not _reachable(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"),
+    if mode == "online" and not reachable([os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")],
                                            probe_timeout):
         log.warning("W&B server unreachable: logging offline instead (sync later with `wandb sync`)")
         mode = "offline"

@@ -113,6 +113,7 @@ PROBABILITY = Float(0, 1)
 
 PRECISION = Choice("fp32", "bf16", "fp16")
 COMMON = {"seed": Int(), "device": None}  # device: checked by resolve_device (cuda:N etc.)
+GUIDANCE = {"guidance.scale": Float(0)}
 
 TRAINER = {
     "max_steps": Int(1, nullable=True), "epochs": Int(1, nullable=True), "batch_size": Int(1),
@@ -129,7 +130,7 @@ TRAINER = {
     "eval_metric": Choice("fd", "fid"), "eval_num_samples": Int(2), "eval_sampler_steps": Int(1, nullable=True),
 }
 SAMPLER = {
-    "steps": Int(1), "spacing": Choice(*SPACINGS), "guidance_scale": Float(0), "clip_x0": BOOL,
+    "steps": Int(1), "spacing": Choice(*SPACINGS), "clip_x0": BOOL,
     "clip_range": Rule("pair"), "dynamic_threshold": Float(0, 1, open_lo=True, nullable=True), "eta": PROBABILITY, "variance": Choice("beta", "posterior"),
     "t_end": Float(0, 1, open_lo=True, open_hi=True, nullable=True), "snr": POSITIVE,
     "corrector_steps": Int(0), "s_churn": Float(0), "s_tmin": Float(0), "s_tmax": Float(0), "s_noise": POSITIVE,
@@ -159,7 +160,7 @@ GROUPS = {"trainer": TRAINER, "sampler": SAMPLER, "schedule": SCHEDULE, "dataset
           "vae": VAE}
 
 JOBS = {
-    "train": {**COMMON, "dim": Choice(1, 2, 3), "conditional": BOOL, "objective.prediction": Choice("eps", "x0", "v"),
+    "train": {**COMMON, **GUIDANCE, "dim": Choice(1, 2, 3), "conditional": BOOL, "objective.prediction": Choice("eps", "x0", "v"),
               "objective.weighting": Choice("none", "min_snr"), "objective.min_snr_gamma": POSITIVE,
               "latent.cache": BOOL, "latent.sample": BOOL, "init_weights": Choice("ema", "raw"),
               "init_skip_mismatched": BOOL,
@@ -167,11 +168,11 @@ JOBS = {
     "train_vae": {**COMMON, "dim": Choice(1, 2, 3), "loss.reconstruction": Choice("l1", "l2"),
                   "loss.kl_weight": Float(0), "scale_batches": Int(1), "evaluate.max_items": Int(1, nullable=True),
                   "logger.mode": Choice("auto", "online", "offline", "disabled")},
-    "sample": {**COMMON, "num_samples": Int(1), "class_label": Int(0, nullable=True), "batch_size": Int(1),
+    "sample": {**COMMON, **GUIDANCE, "num_samples": Int(1), "class_label": Int(0, nullable=True), "batch_size": Int(1),
                "precision": PRECISION, "use_ema": BOOL, "view": Choice("slices", "mip"),
                "grid_max_columns": Int(1), "animation.enabled": BOOL, "animation.frames": Int(2), "animation.fps": Int(1),
                "animation.format": Choice("gif", "mp4"), "animation.hold": Float(0), "animation.strip_steps": Int(1)},
-    "evaluate": {**COMMON, "num_samples": Int(2), "label_bank": Int(1), "batch_size": Int(1), "precision": PRECISION,
+    "evaluate": {**COMMON, **GUIDANCE, "num_samples": Int(2), "label_bank": Int(1), "batch_size": Int(1), "precision": PRECISION,
                  "use_ema": BOOL, "save_samples": BOOL, "inception_batch_size": Int(1), "kid_subset_size": Int(2),
                  "kid_subsets": Int(1), "prc_neighborhood": Int(1)},
     "export": {"use_ema": BOOL},
@@ -212,6 +213,9 @@ def validate(cfg: DictConfig, job: str) -> None:
 
 def _check_combinations(cfg: DictConfig, job: str) -> None:
     trainer, sampler = cfg.get("trainer"), cfg.get("sampler")
+    if isinstance(sampler, DictConfig) and "guidance_scale" in sampler:
+        raise DiffuseError("sampler.guidance_scale is now guidance.scale (guidance belongs to the denoiser, which "
+                           "every sampler calls, not to a sampler): use guidance.scale=W")
     if trainer is not None and trainer.get("max_steps") is None and trainer.get("epochs") is None:
         raise DiffuseError("trainer.max_steps and trainer.epochs are both null: set one to a positive number")
     schedule = cfg.get("schedule")
@@ -231,8 +235,8 @@ def _check_combinations(cfg: DictConfig, job: str) -> None:
             and not cfg.get("initialized_from"):
         raise DiffuseError(f"init_from={cfg.init_from} starts a new run from another run's weights, resume={cfg.resume} "
                            "continues a run with all it had: give one of them")
-    if job == "train" and sampler is not None and trainer is not None:
-        check_guidance(float(sampler.get("guidance_scale") or 0), bool(cfg.get("conditional")),
+    if job == "train" and cfg.get("guidance") is not None and trainer is not None:
+        check_guidance(float(cfg.guidance.get("scale") or 0), bool(cfg.get("conditional")),
                        float(trainer.get("cond_drop_prob") or 0), "this run")
 
 
@@ -242,12 +246,12 @@ def check_guidance(scale: float, conditional: bool, cond_drop_prob: float, run: 
     if scale in (0.0, 1.0):
         return
     if not conditional:
-        raise DiffuseError(f"sampler.guidance_scale={scale} needs a class-conditional model; {run} is "
-                           "unconditional (conditional=false): use guidance_scale=0")
+        raise DiffuseError(f"guidance.scale={scale} needs a class-conditional model; {run} is "
+                           "unconditional (conditional=false): use guidance.scale=0")
     if cond_drop_prob <= 0:
-        raise DiffuseError(f"sampler.guidance_scale={scale} needs a model trained with trainer.cond_drop_prob > 0: "
+        raise DiffuseError(f"guidance.scale={scale} needs a model trained with trainer.cond_drop_prob > 0: "
                            f"{run} used 0, so its null class never learned anything and guidance would sample "
-                           "garbage; use guidance_scale=0 (or retrain with cond_drop_prob=0.1)")
+                           "garbage; use guidance.scale=0 (or retrain with cond_drop_prob=0.1)")
 
 
 def check_model_fits_data(model: torch.nn.Module, shape: Sequence[int], num_classes: int, what: str) -> None:

@@ -13,9 +13,10 @@ import re
 import pytest
 
 from diffuse.cli import main
-from diffuse.validation import Choice, Float, Int, Rule, check_guidance
+from diffuse.errors import DiffuseError
+from diffuse.validation import Choice, Float, Int, Rule, check_guidance, validate
 
-from conftest import TINY
+from conftest import TINY, compose_cfg
 
 BAD = [  # (argv, the one line it must print)
     (["train", "trainer.batch_size=0"], r"trainer.batch_size must be an integer ≥ 1; got 0"),
@@ -42,9 +43,9 @@ BAD = [  # (argv, the one line it must print)
      r"trainer.batch_size=100 is more than the dataset's 64 items"),
     (["train", "model=shufflenet", "dim=3"], r"cannot build model: ShuffleNetUNet is 2-D only"),
     (["train", "dataset=mnist", "dim=1"], r"dataset mnist is 2-D only; got dim=1"),
-    (["train", "trainer.cond_drop_prob=0", "sampler.guidance_scale=3"],
-     r"sampler.guidance_scale=3.0 needs a model trained with trainer.cond_drop_prob > 0"),
-    (["train", "conditional=false", "sampler.guidance_scale=3"], r"needs a class-conditional model"),
+    (["train", "trainer.cond_drop_prob=0", "guidance.scale=3"],
+     r"guidance.scale=3.0 needs a model trained with trainer.cond_drop_prob > 0"),
+    (["train", "conditional=false", "guidance.scale=3"], r"needs a class-conditional model"),
     (["sample", "num_samples=0"], r"num_samples must be an integer ≥ 1; got 0"),
     (["sample", "batch_size=-4"], r"batch_size must be an integer ≥ 1; got -4"),
     (["sample", "animation.format=avi"], r"animation.format must be one of gif, mp4; got avi"),
@@ -95,3 +96,10 @@ def test_guidance_needs_a_learned_null_class():
     check_guidance(3.0, True, 0.1, "r")
     with pytest.raises(Exception, match="cond_drop_prob > 0"):
         check_guidance(3.0, True, 0.0, "r")
+
+
+def test_guidance_on_the_sampler_points_to_the_guidance_node():
+    cfg = compose_cfg("sample", ["++sampler.guidance_scale=3"])
+    with pytest.raises(DiffuseError, match="is now guidance.scale"):
+        validate(cfg, "sample")
+    validate(compose_cfg("sample", ["guidance.scale=3", "++sampler.steps=5"]), "sample")

@@ -16,7 +16,8 @@ import torchvision
 
 from diffuse.data import vision
 from diffuse.data.loader import BatchStream
-from diffuse.data.vision import FashionMNISTDataset, Flowers102Dataset, MNISTDataset, default_root, reachable
+from diffuse.data.vision import FashionMNISTDataset, Flowers102Dataset, MNISTDataset, default_root
+from diffuse.network import reachable
 from diffuse.errors import DiffuseError
 
 from conftest import FLOWERS_SPLITS as SPLITS, compose_cfg, flowers_label as _label, requires_cuda, run_cli

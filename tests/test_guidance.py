@@ -56,7 +56,7 @@ def test_guided_eps_is_the_cfg_combination(prediction, w):
     x = torch.randn(5, 1, 6)
     y = torch.tensor([0, 1, 2, 0, 1])
     t = torch.tensor(0.37, dtype=torch.float64)
-    den = Denoiser(net, sched, prediction, y=y, guidance_scale=w, null_class=3)
+    den = Denoiser(net, sched, prediction, y=y, guidance_scale=w)
     got = den.eps(x, t)
 
     tb = torch.full((5,), 0.37)
@@ -71,10 +71,12 @@ def test_guided_eps_is_the_cfg_combination(prediction, w):
 
 
 def test_guidance_needs_labels_and_a_null_class():
+    without_null = RecordingNet()
+    without_null.null_class = None  # a network that learned no null class
     with pytest.raises(ValueError, match="null class"):
-        Denoiser(RecordingNet(), LinearSchedule(), y=torch.tensor([0]), guidance_scale=3.0, null_class=None)
+        Denoiser(without_null, LinearSchedule(), y=torch.tensor([0]), guidance_scale=3.0)
     with pytest.raises(ValueError, match="class labels"):
-        Denoiser(RecordingNet(), LinearSchedule(), y=None, guidance_scale=3.0, null_class=3)
+        Denoiser(RecordingNet(), LinearSchedule(), y=None, guidance_scale=3.0)
     Denoiser(RecordingNet(), LinearSchedule(), y=None, guidance_scale=0.0)  # unguided: fine
 
 
@@ -134,8 +136,8 @@ def test_guidance_raises_the_fraction_in_the_asked_mode(sched_name, name):
     fewer = {"steps": 200} if name in ("ddpm", "ddpm_clip", "pc", "euler_maruyama") else {}  # keep the test fast
     fractions = {}
     for w in (0.0, 3.0):
-        sampler = load_sampler(name, guidance_scale=w, **fewer)
-        den = Denoiser(model, sched, y=y, guidance_scale=sampler.guidance_scale, null_class=model.null_class)
+        sampler = load_sampler(name, **fewer)
+        den = Denoiser(model, sched, y=y, guidance_scale=w)
         out, _ = sample(den, sampler, NoiseSource(range(8)), (1, 256))
         fractions[w] = _own_mode_fraction(out, y)
     assert fractions[0.0] == pytest.approx(0.75, abs=0.035)  # unguided: the class's own mixture weight
@@ -146,11 +148,9 @@ def test_guidance_through_generate_on_every_schedule():
     """generate() (what `diffuse sample` runs) wires labels, null class and guidance scale through."""
     for sched in (LinearSchedule(), CosineSchedule(), VESDESchedule()):
         model = ExactMixtureModel(sched)
-        sampler = load_sampler("dpm_solver", guidance_scale=4.0)
+        sampler = load_sampler("dpm_solver")
         labels = torch.tensor([1, 0, 1, 0])
-        out = generate(model, sched, sampler, (1, 256), 4, labels=labels, seed=0, batch_size=3,
-                       null_class=model.null_class)
-        plain = generate(model, sched, load_sampler("dpm_solver"), (1, 256), 4, labels=labels, seed=0,
-                         batch_size=4, null_class=model.null_class)
+        out = generate(model, sched, sampler, (1, 256), 4, labels=labels, seed=0, batch_size=3, guidance_scale=4.0)
+        plain = generate(model, sched, sampler, (1, 256), 4, labels=labels, seed=0, batch_size=4)
         assert _own_mode_fraction(out.x, labels) > _own_mode_fraction(plain.x, labels) + 0.1
         assert out.nfe == 20 and not math.isnan(out.x.sum().item())

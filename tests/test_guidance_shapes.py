@@ -28,9 +28,9 @@ def test_guidance_raises_the_asked_class_fraction(tmp_path):
     labels = torch.arange(4).repeat_interleave(64)
     fractions = {}
     for w in (0.0, 3.0):
-        sampler = DDPM(steps=50, variance="posterior", clip_x0=True, guidance_scale=w)
+        sampler = DDPM(steps=50, variance="posterior", clip_x0=True)
         out = generate(run.model, run.schedule, sampler, (1, 32), len(labels), labels=labels, seed=0,
-                       batch_size=256, null_class=run.model.null_class,
+                       batch_size=256, guidance_scale=w,
                        prediction=run.config.objective.prediction)
         nearest = bank_y[torch.cdist(out.x.flatten(1), bank_x.flatten(1)).argmin(1)]
         fractions[w] = (nearest == labels).float().mean().item()

@@ -16,7 +16,8 @@ from diffuse import media
 from diffuse.data.shapes import ShapesDataset
 from diffuse.errors import DiffuseError
 from diffuse.jobs.train_vae import reconstruction_mse
-from diffuse.latent import CHECKPOINT_KEY, LatentDataset, latent_decoder, use_latent_space
+from diffuse.data.latent import CHECKPOINT_KEY, LatentDataset, latent_decoder
+from diffuse.jobs.latent_space import use_latent_space
 from diffuse.models.vae import VAE
 from diffuse.training.checkpoint import load_checkpoint
 
@@ -179,7 +180,7 @@ def test_use_latent_space_rewrites_the_dataset_config(vae_run):
     cfg = compose_cfg("train", ["dataset.resolution=8", f"latent.vae={vae_ckpt}", "device=cpu"])
     assert cfg.model.in_channels == 1
     assert use_latent_space(cfg)
-    assert cfg.dataset._target_ == "diffuse.latent.LatentDataset"
+    assert cfg.dataset._target_ == "diffuse.data.latent.LatentDataset"
     assert (cfg.dataset.channels, cfg.dataset.resolution, cfg.dataset.data.resolution) == (4, 4, 8)
     assert cfg.model.in_channels == 4  # ${dataset.channels} now reads the latent's
     assert use_latent_space(cfg) and cfg.dataset.data.resolution == 8  # idempotent
@@ -212,12 +213,17 @@ def test_reconstruction_mse_is_the_mean_squared_error_of_the_posterior_mean():
 def test_latent_runs_sample_without_data_range_clipping(vae_run, latent_run):
     """x̂₀ clipping to [−1, 1] is for data space: the latent run's own ddpm_clip samples unclipped (and says
     so), in training, `sample` and `evaluate`; a clip_range chosen for latents is kept."""
-    from diffuse.diffusion.samplers import DDPM
-    from diffuse.latent import unclipped_in_latent_space
+    from omegaconf import OmegaConf
 
-    assert unclipped_in_latent_space(DDPM(4, clip_x0=True), latent=True).clip_x0 is False
-    assert unclipped_in_latent_space(DDPM(4, clip_x0=True), latent=False).clip_x0 is True
-    assert unclipped_in_latent_space(DDPM(4, clip_x0=True, clip_range=(-3, 3)), latent=True).clip_x0 is True
+    from diffuse.jobs.latent_space import latent_sampler_config
+
+    clipped = OmegaConf.create({"_target_": "diffuse.diffusion.samplers.DDPM", "steps": 4, "clip_x0": True,
+                                "clip_range": [-1.0, 1.0]})
+    assert latent_sampler_config(clipped, latent=True).clip_x0 is False
+    assert clipped.clip_x0 is True  # the run's config is left as it is
+    assert latent_sampler_config(clipped, latent=False).clip_x0 is True
+    wide = OmegaConf.merge(clipped, {"clip_range": [-3.0, 3.0]})
+    assert latent_sampler_config(wide, latent=True).clip_x0 is True
 
     cwd, run = latent_run
     assert "which latents do not lie in" in (run / "train.log").read_text()

@@ -9,7 +9,7 @@ import re
 import pytest
 
 from diffuse.errors import DiffuseError
-from diffuse.jobs.train import training_sample_counts
+from diffuse.jobs.train import sampling_plan, training_sample_counts
 from diffuse.validation import validate
 
 from conftest import TINY, compose_cfg
@@ -77,3 +77,14 @@ def test_final_samples_false_skips_the_end_of_run_grid_and_animation(tmp_path):
     run, text = _train_log(tmp_path)
     assert not list(run.glob("samples/*.png")) and not list(run.glob("samples/*.gif"))
     assert "samples:" not in text
+
+
+def test_training_samples_use_the_guidance_node_and_the_runs_sampler():
+    """Grids and trainer.eval_every draw with the run's sampler at the steps asked, guided by guidance.scale
+    (the sampler knows nothing of guidance); the run's config is not edited."""
+    from diffuse.diffusion.schedules import LinearSchedule
+
+    cfg = compose_cfg("train", [*TINY, "guidance.scale=2.5", "sampler=ddim", "sampler.steps=30"])
+    plan = sampling_plan(cfg, LinearSchedule(), (1, 8, 8), "cpu", steps=7)
+    assert plan.guidance_scale == 2.5 and type(plan.sampler).__name__ == "DDIM" and plan.sampler.steps == 7
+    assert not hasattr(plan.sampler, "guidance_scale") and cfg.sampler.steps == 30

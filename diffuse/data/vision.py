@@ -18,8 +18,6 @@ import logging
 import os
 import pickle
 import socket
-import threading
-from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import ClassVar
@@ -31,6 +29,7 @@ import torchvision
 from torch import Tensor
 
 from diffuse.errors import DiffuseError
+from diffuse.network import reachable
 
 log = logging.getLogger(__name__)
 
@@ -42,36 +41,6 @@ LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2, as torchvision's rgb_to_grayscale
 def default_root() -> Path:
     """$DIFFUSE_DATA, else ~/.cache/diffuse/data."""
     return Path(os.environ.get("DIFFUSE_DATA") or "~/.cache/diffuse/data").expanduser()
-
-
-def reachable(urls: Sequence[str], timeout: float = PROBE_TIMEOUT_S) -> bool:
-    """True when a TCP connection to one of the urls' hosts opens within `timeout` seconds (DNS included:
-    the probe runs in a daemon thread, since name lookup ignores socket timeouts)."""
-    if not urls:
-        return False
-    done, lock = threading.Event(), threading.Lock()
-    state = {"ok": False, "pending": len(urls)}
-
-    def probe(url: str) -> None:
-        u = urlparse(url)
-        ok = False
-        try:
-            with socket.create_connection((u.hostname, u.port or (443 if u.scheme == "https" else 80)),
-                                          timeout=timeout):
-                ok = True
-        except (OSError, ValueError):
-            pass
-        with lock:  # done at the first success, or once every probe has failed (refused: at once)
-            state["ok"] |= ok
-            state["pending"] -= 1
-            if ok or not state["pending"]:
-                done.set()
-
-    for url in urls:
-        threading.Thread(target=probe, args=(url,), daemon=True).start()
-    done.wait(timeout)
-    with lock:
-        return state["ok"]
 
 
 @contextmanager
@@ -172,7 +141,7 @@ class InMemoryImages:
                                f"to fetch them (needs internet), or copy them there, or point dataset.root "
                                f"(default $DIFFUSE_DATA, else ~/.cache/diffuse/data) at a folder that has them")
         hosts = ", ".join(sorted({urlparse(u).hostname or u for u in self.download_urls}))
-        if not reachable(self.download_urls):
+        if not reachable(self.download_urls, PROBE_TIMEOUT_S):
             raise DiffuseError(f"dataset {self.name}: cannot reach {hosts} to download (offline?): copy the "
                                f"files into {where} instead")
         log.info("downloading %s into %s", self.name, self.root)
@@ -275,8 +244,9 @@ class FashionMNISTDataset(_IdxImages):
 
 class _ArraysOnlyUnpickler(pickle.Unpickler):
     """CIFAR's files are pickles, and pickle.load runs whatever a file names. Files are untrusted input here
-    (DESIGN §6) and the CIFAR folder is not MD5-checked (see CIFAR10Dataset), so only what the format holds
-    may be built: dicts, lists, strings, numbers and numpy arrays (by any numpy's name for them)."""
+    (a checkpoint may never call code, nor may a data file) and the CIFAR folder is not MD5-checked (see
+    CIFAR10Dataset), so only what the format holds may be built: dicts, lists, strings, numbers and numpy
+    arrays (by any numpy's name for them)."""
 
     ALLOWED: ClassVar[dict[tuple[str, str], tuple[str, str]]] = {
         ("numpy", "ndarray"): ("numpy", "ndarray"),

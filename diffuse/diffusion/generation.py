@@ -5,6 +5,7 @@ Sample i always uses seed `seed + i`, so the samples do not depend on the batch 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -48,9 +49,11 @@ class Generated:
 @torch.no_grad()
 def generate(model, schedule, sampler: Sampler, sample_shape: Sequence[int], num_samples: int,
              labels: Tensor | None = None, seed: int = 0, batch_size: int = 64, prediction: str = "eps",
-             null_class: int | None = None, device: torch.device | str = "cpu", trajectory: int | bool = False,
+             guidance_scale: float = 0.0, device: torch.device | str = "cpu", trajectory: int | bool = False,
              autocast_dtype=None, progress=None, step_progress=None) -> Generated:
-    """progress(k): called after each batch with its k samples; step_progress(k): after every sampler step of
+    """`num_samples` samples of shape sample_shape ([C, *spatial]) with the sampler, sample i of class
+    labels[i] (when given) and seed seed + i, classifier-free guided by guidance_scale (see Denoiser).
+    progress(k): called after each batch with its k samples; step_progress(k): after every sampler step of
     a batch of k samples (a bar of num_samples × sampler_steps(...) units advances per step). Neither changes
     the samples."""
     device = torch.device(device)
@@ -59,8 +62,8 @@ def generate(model, schedule, sampler: Sampler, sample_shape: Sequence[int], num
     for start in range(0, n, batch_size):
         stop = min(n, start + batch_size)
         y = labels[start:stop].to(device) if labels is not None else None
-        denoiser = Denoiser(model, schedule, prediction, y=y, guidance_scale=sampler.guidance_scale,
-                            null_class=null_class, autocast_dtype=autocast_dtype)
+        denoiser = Denoiser(model, schedule, prediction, y=y, guidance_scale=guidance_scale,
+                            autocast_dtype=autocast_dtype)
         noise = NoiseSource(range(seed + start, seed + stop), device)
         on_step = None if step_progress is None else (lambda k=stop - start: step_progress(k))
         out, traj = sample(denoiser, sampler, noise, sample_shape, trajectory=trajectory, on_step=on_step)
@@ -72,3 +75,45 @@ def generate(model, schedule, sampler: Sampler, sample_shape: Sequence[int], num
         if progress is not None:
             progress(stop - start)
     return Generated(x=torch.cat(xs), y=labels, times=times, states=states, nfe=nfe)
+
+
+@dataclass
+class SamplingPlan:
+    """How a job draws samples, all but the network and the labels: built once from the config and the run
+    (training grids, trainer.eval_every, `diffuse sample`, `diffuse evaluate`), then `plan(model, n, labels)`.
+
+    sample_shape: [C, *spatial]; guidance_scale: classifier-free guidance w (see Denoiser); seed: sample i
+    uses seed + i; autocast_dtype: the network's precision (the sampler's arithmetic stays fp32)."""
+
+    schedule: object
+    sampler: Sampler
+    sample_shape: tuple
+    prediction: str = "eps"
+    guidance_scale: float = 0.0
+    batch_size: int = 64
+    device: torch.device | str = "cpu"
+    seed: int = 0
+    autocast_dtype: torch.dtype | None = None
+
+    @property
+    def steps(self) -> int:
+        return sampler_steps(self.sampler, self.schedule)
+
+    def __call__(self, model, num_samples: int, labels: Tensor | None = None, trajectory: int | bool = False,
+                 step_progress=None) -> Generated:
+        return generate(model, self.schedule, self.sampler, self.sample_shape, num_samples, labels=labels,
+                        seed=self.seed, batch_size=self.batch_size, prediction=self.prediction,
+                        guidance_scale=self.guidance_scale, device=self.device, trajectory=trajectory,
+                        autocast_dtype=self.autocast_dtype, step_progress=step_progress)
+
+    def with_progress(self, model, num_samples: int, labels: Tensor | None = None, trajectory: int | bool = False,
+                      desc: str = "samples", leave: bool = True) -> tuple[Generated, float]:
+        """The samples drawn under a progress bar over samples × steps, and the seconds they took."""
+        n = num_samples if labels is None else len(labels)
+        bar = progress_bar(n, self.steps, desc, leave=leave)
+        start = time.perf_counter()
+        try:
+            out = self(model, num_samples, labels, trajectory, step_progress=bar.update)
+        finally:
+            bar.close()
+        return out, time.perf_counter() - start

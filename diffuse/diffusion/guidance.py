@@ -1,10 +1,11 @@
-"""The denoiser every sampler talks to: network output → ε̂ (and x̂₀, score), with classifier-free guidance.
+"""The denoiser every sampler talks to: network output → ε̂, with classifier-free guidance.
 
-Samplers never see the network or its prediction type: they call `denoiser.eps(x, t)` with x in fp32
-and t a scalar time, and get ε̂ in fp32 (the network itself may run under autocast).
-Guidance (Ho & Salimans 2022): ε̂ = ε̂_∅ + w·(ε̂_y − ε̂_∅); w = guidance_scale, 1 = plain conditional.
-We follow the diffusers convention (w = 1 ⇒ conditional, w = 0 ⇒ unconditional); `guidance_scale: 0`
-in the config is read as "no guidance" (plain conditional, one network pass).
+Samplers never see the network, its prediction type, its labels or the guidance: they call
+`denoiser.eps(x, t)` with x in fp32 and t a scalar time, and get ε̂ in fp32 (the network itself may run
+under autocast), as k-diffusion keeps its samplers ignorant of conditioning.
+Guidance (Ho & Salimans 2022): ε̂ = ε̂_∅ + w·(ε̂_y − ε̂_∅); w = the `guidance.scale` of the config.
+We follow the diffusers convention (w = 1 ⇒ conditional, w = 0 ⇒ unconditional); a scale of 0 is read as
+"no guidance" (plain conditional, one network pass).
 """
 
 from __future__ import annotations
@@ -14,23 +15,32 @@ import contextlib
 import torch
 from torch import Tensor
 
-from diffuse.diffusion.objectives import eps_to_x0, prediction_to_eps
+from diffuse.diffusion.objectives import prediction_to_eps
 from diffuse.diffusion.schedules import Schedule
 
 
+def null_class_of(model) -> int | None:
+    """The label a class-conditional network reads as "no class" (our models: one past their classes, learned
+    from the labels training drops), None for an unconditional one. The one place this convention is read."""
+    return getattr(model, "null_class", None)
+
+
 class Denoiser:
+    """model (called as model(x, t, y)) with its prediction type, the batch's labels y [B] (or None) and the
+    guidance scale w, seen as ε̂(x, t); `nfe` counts network evaluations (a guided call counts as one)."""
+
     def __init__(self, model, schedule: Schedule, prediction: str = "eps", y: Tensor | None = None,
-                 guidance_scale: float = 0.0, null_class: int | None = None, autocast_dtype=None):
+                 guidance_scale: float = 0.0, autocast_dtype=None):
         self.model = model
         self.schedule = schedule
         self.prediction = prediction
         self.y = y
         self.guidance_scale = float(guidance_scale or 0.0)
-        self.null_class = null_class
+        self.null_class = null_class_of(model)
         self.autocast_dtype = autocast_dtype
-        self.nfe = 0  # network evaluations so far (a guided call counts as one: one batched pass)
-        if self.guided and (y is None or null_class is None):
-            raise ValueError("guidance_scale > 0 needs class labels and a model trained with a null class")
+        self.nfe = 0
+        if self.guided and (y is None or self.null_class is None):
+            raise ValueError("guidance scale ≠ 0, 1 needs class labels and a model trained with a null class")
 
     @property
     def guided(self) -> bool:
@@ -57,12 +67,3 @@ class Denoiser:
         out = self._net(torch.cat([x, x]), torch.cat([t_batch, t_batch]), torch.cat([self.y, y_null]))
         eps_c, eps_u = prediction_to_eps(out, torch.cat([x, x]), alpha, sigma, self.prediction).chunk(2)
         return eps_u + self.guidance_scale * (eps_c - eps_u)
-
-    def x0(self, x: Tensor, t: Tensor | float) -> Tensor:
-        t = torch.as_tensor(t, dtype=torch.float64)
-        return eps_to_x0(self.eps(x, t), x, self.schedule.alpha(t), self.schedule.sigma(t))
-
-    def score(self, x: Tensor, t: Tensor | float) -> Tensor:
-        """∇ₓ log p_t(x) = −ε̂/σ(t)."""
-        t = torch.as_tensor(t, dtype=torch.float64)
-        return -self.eps(x, t) / self.schedule.sigma(t).to(x.dtype)

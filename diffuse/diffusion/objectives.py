@@ -18,9 +18,9 @@ PREDICTIONS = ("eps", "x0", "v")
 WEIGHTINGS = ("none", "min_snr")
 
 
-def _bcast(coef: Tensor, x: Tensor) -> Tensor:
-    """[B] (or scalar) → [B, 1, …, 1] matching x's ndim, in x's dtype."""
-    coef = coef.to(device=x.device, dtype=x.dtype)
+def _bcast(coef: Tensor | float, x: Tensor) -> Tensor:
+    """[B] (or a scalar, or a Python float) → [B, 1, …, 1] matching x's ndim, in x's dtype."""
+    coef = torch.as_tensor(coef, device=x.device, dtype=x.dtype)
     if coef.ndim == 0:
         return coef
     return coef.view(-1, *([1] * (x.ndim - 1)))
@@ -87,6 +87,8 @@ class DiffusionLoss:
     With eps prediction and no weighting this is Ho et al.'s L_simple; on the VE-SDE it equals the
     conditional seed's MSE(score·σ(t), −z), since score·σ = −ε̂.
     The loss is always reduced in fp32 even when the network runs under autocast.
+    cond_drop_prob: the fraction of labels replaced by null_class, so the network also learns the unconditional
+    prediction that classifier-free guidance needs; nothing is dropped for a network without a null class.
     """
 
     def __init__(self, prediction: str = "eps", weighting: str = "none", min_snr_gamma: float = 5.0,
@@ -106,7 +108,7 @@ class DiffusionLoss:
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         alpha, sigma = schedule.alpha(t).float(), schedule.sigma(t).float()
         x_t = _bcast(alpha, x0) * x0 + _bcast(sigma, x0) * noise
-        if y is not None and self.cond_drop_prob > 0:
+        if y is not None and self.null_class is not None and self.cond_drop_prob > 0:
             drop = torch.rand(b, generator=generator, device=x0.device) < self.cond_drop_prob
             y = torch.where(drop, torch.full_like(y, self.null_class), y)
         out = model(x_t, t, y).float()

@@ -26,6 +26,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
+from diffuse.diffusion.objectives import eps_to_x0
 from diffuse.diffusion.schedules import GRID_SIGMA_MAX, Schedule
 
 
@@ -54,7 +55,6 @@ class Trajectory:
 
     times: list[float] = field(default_factory=list)
     states: list[Tensor] = field(default_factory=list)
-    denoised: list[Tensor] = field(default_factory=list)
 
 
 StepCallback = Callable[[int, float, Tensor, Tensor], None]  # (step index, t, x after the step, x̂₀)
@@ -74,7 +74,6 @@ class Sampler:
     steps: points of the grid before t = 0, i.e. updates, i.e. network evaluations for the samplers that
         spend one per update (Heun spends 2·steps − 1, predictor–corrector steps·(1 + corrector_steps)).
     spacing: how the grid is laid out (auto, linspace, leading, trailing, karras, logsnr: Schedule.timesteps).
-    guidance_scale: classifier-free guidance weight, read by whoever builds the denoiser.
     clip_x0: clamp x̂₀ to clip_range and re-derive ε̂ = (x − α x̂₀)/σ from it, i.e. run the sampler on the
         clamped denoiser (diffusers' `clip_sample` with `use_clipped_model_output`; for DDPM it is the
         MNIST seed's `sample_clip`). Data in [−1, 1] stay there; helps under-trained networks a lot.
@@ -85,12 +84,10 @@ class Sampler:
 
     stochastic = False
 
-    def __init__(self, steps: int = 1000, spacing: str = "auto", guidance_scale: float = 0.0,
-                 clip_x0: bool = False, clip_range: Sequence[float] = (-1.0, 1.0),
-                 dynamic_threshold: float | None = None):
+    def __init__(self, steps: int = 1000, spacing: str = "auto", clip_x0: bool = False,
+                 clip_range: Sequence[float] = (-1.0, 1.0), dynamic_threshold: float | None = None):
         self.steps = int(steps)
         self.spacing = spacing
-        self.guidance_scale = float(guidance_scale)
         self.clip_x0 = bool(clip_x0)
         self.clip_range = tuple(float(v) for v in clip_range)
         if dynamic_threshold is not None and not 0.0 < float(dynamic_threshold) <= 1.0:
@@ -100,7 +97,7 @@ class Sampler:
     def denoise(self, denoiser, x: Tensor, t, alpha: float, sigma: float) -> tuple[Tensor, Tensor]:
         """(ε̂, x̂₀) at time t (σ > 0), x̂₀ = (x − σ ε̂)/α, both from the clamped x̂₀ when clip_x0."""
         eps = denoiser.eps(x, t)
-        x0 = (x - sigma * eps) / alpha
+        x0 = eps_to_x0(eps, x, alpha, sigma)
         if self.dynamic_threshold is not None:
             x0 = dynamic_threshold(x0, self.dynamic_threshold)
             eps = (x - alpha * x0) / sigma
@@ -164,13 +161,11 @@ def sample(denoiser, sampler: Sampler, noise: NoiseSource, sample_shape: Sequenc
     if 0 in keep:
         traj.times.append(float(grid[0]))
         traj.states.append(x.cpu())
-        traj.denoised.append(x.cpu())
 
     def callback(i, t, x_new, x0_hat):
         if i + 1 in keep:
             traj.times.append(t)
             traj.states.append(x_new.cpu())
-            traj.denoised.append(x0_hat.cpu())
         if on_step is not None:
             on_step()
 
@@ -210,9 +205,8 @@ class DDPM(Sampler):
 
     stochastic = True
 
-    def __init__(self, steps: int = 1000, spacing: str = "auto", guidance_scale: float = 0.0,
-                 variance: str = "beta", **kwargs):
-        super().__init__(steps, spacing, guidance_scale, **kwargs)
+    def __init__(self, steps: int = 1000, spacing: str = "auto", variance: str = "beta", **kwargs):
+        super().__init__(steps, spacing, **kwargs)
         if variance not in ("beta", "posterior"):
             raise ValueError(f"variance must be 'beta' or 'posterior'; got {variance!r}")
         self.variance = variance
@@ -243,9 +237,8 @@ class DDIM(Sampler):
     grid is DDPM with the posterior variance β̃_t. Any number of steps; one network evaluation per step.
     """
 
-    def __init__(self, steps: int = 50, spacing: str = "auto", guidance_scale: float = 0.0, eta: float = 0.0,
-                 **kwargs):
-        super().__init__(steps, spacing, guidance_scale, **kwargs)
+    def __init__(self, steps: int = 50, spacing: str = "auto", eta: float = 0.0, **kwargs):
+        super().__init__(steps, spacing, **kwargs)
         if not 0.0 <= float(eta) <= 1.0:
             raise ValueError(f"eta must be in [0, 1]; got {eta}")
         self.eta = float(eta)
@@ -286,9 +279,9 @@ class EulerMaruyama(Sampler):
 
     stochastic = True
 
-    def __init__(self, steps: int = 500, spacing: str = "auto", guidance_scale: float = 0.0,
+    def __init__(self, steps: int = 500, spacing: str = "auto",
                  t_end: float | None = None, final_denoise: bool = False, **kwargs):
-        super().__init__(steps, spacing, guidance_scale, **kwargs)
+        super().__init__(steps, spacing, **kwargs)
         self.t_end = None if t_end is None else float(t_end)
         self.final_denoise = bool(final_denoise)
 
@@ -340,9 +333,8 @@ class PredictorCorrector(Sampler):
 
     stochastic = True
 
-    def __init__(self, steps: int = 500, spacing: str = "auto", guidance_scale: float = 0.0,
-                 snr: float = 0.16, corrector_steps: int = 1, **kwargs):
-        super().__init__(steps, spacing, guidance_scale, **kwargs)
+    def __init__(self, steps: int = 500, spacing: str = "auto", snr: float = 0.16, corrector_steps: int = 1, **kwargs):
+        super().__init__(steps, spacing, **kwargs)
         self.snr = float(snr)
         self.corrector_steps = int(corrector_steps)
 
@@ -381,10 +373,10 @@ class Heun(Sampler):
     step, to σ̃ = 0, is an Euler step).
     """
 
-    def __init__(self, steps: int = 18, spacing: str = "auto", guidance_scale: float = 0.0,
+    def __init__(self, steps: int = 18, spacing: str = "auto",
                  s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0,
                  **kwargs):
-        super().__init__(steps, spacing, guidance_scale, **kwargs)
+        super().__init__(steps, spacing, **kwargs)
         self.s_churn, self.s_noise = float(s_churn), float(s_noise)
         self.s_tmin, self.s_tmax = float(s_tmin), float(s_tmax)
 
@@ -428,8 +420,8 @@ class DPMSolverPP(Sampler):
     `final_sigmas_type="zero"`). One network evaluation per step.
     """
 
-    def __init__(self, steps: int = 20, spacing: str = "auto", guidance_scale: float = 0.0, **kwargs):
-        super().__init__(steps, spacing, guidance_scale, **kwargs)
+    def __init__(self, steps: int = 20, spacing: str = "auto", **kwargs):
+        super().__init__(steps, spacing, **kwargs)
 
     def run(self, denoiser, x, grid, noise, callback):
         prev_x0, prev_h = None, None

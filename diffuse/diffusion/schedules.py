@@ -4,7 +4,8 @@ Every sampler and loss is written against `alpha(t)` and `sigma(t)` alone, so ev
 every schedule. Discrete (DDPM-style) schedules keep their published table ᾱ_i exact at the grid
 points t_i = (i+1)/T and interpolate log ᾱ linearly in between (t = 0 is clean data, ᾱ = 1).
 
-The forward SDE follows from the pair (DESIGN.md §4): f(t) = d log α/dt, g²(t) = dσ²/dt − 2 f(t) σ².
+The forward SDE with these marginals (Song et al. 2021; Kingma et al. 2021) follows from the pair:
+f(t) = d log α/dt, g²(t) = dσ²/dt − 2 f(t) σ².
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""What several jobs share: device choice, building parts from config, reading a run back from a checkpoint."""
+"""What several jobs share: the process around a trainer (device, process group, resume), its Run and its
+wrap-up (`fit`), the command's result lines (`report`), and reading a run back from a checkpoint or export."""
 
 from __future__ import annotations
 
@@ -11,38 +12,17 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from diffuse.building import build
+from diffuse.devices import resolve_device
+from diffuse.dims import check_dim, item_shape
 from diffuse.errors import DiffuseError
 from diffuse.tracking import Tracker
 from diffuse.training.checkpoint import KINDS, latest_run, load_checkpoint, run_folder_of, run_kind
 from diffuse.training.distributed import broadcast_object, cleanup, init_distributed
-from diffuse.validation import validate
+from diffuse.training.loop import Run, Trainer
 from diffuse.training.export import is_export, read_export, run_config
+from diffuse.validation import validate
 
 log = logging.getLogger(__name__)
-
-
-def resolve_device(name: str) -> torch.device:
-    """auto = cuda → mps → cpu; an explicit device that is missing is an error, not a silent fallback."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise DiffuseError(f"device must be auto, cpu, cuda[:N] or mps; got {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise DiffuseError("device=cuda but no CUDA device is available (use device=auto or device=cpu)")
-    return device
-
-
-def check_dim(cfg: DictConfig) -> int:
-    dim = cfg.get("dim")
-    if dim not in (1, 2, 3):
-        raise DiffuseError(f"dim must be 1, 2 or 3; got {dim!r}")
-    return dim
 
 
 def build_dataset(cfg: DictConfig, device: torch.device | None = None):
@@ -76,7 +56,7 @@ def run_trainer_process(cfg: DictConfig, run_dir: Path, overrides: list[str], ki
     process), takes rank 0's run dir and rank 0's choice of the checkpoint to resume (auto and self look at
     the file system, which ranks may see differently), merges and checks a resumed run's config, seeds per
     rank, then `train(cfg, run_dir, state, device, dist)`; the group is always left."""
-    check_dim(cfg)
+    check_dim(cfg.get("dim"))
     dist, device = init_distributed(resolve_device(cfg.device), cfg.trainer.get("dist_timeout_min", 60))
     try:
         run_dir = Path(broadcast_object(str(run_dir), dist))
@@ -92,20 +72,34 @@ def run_trainer_process(cfg: DictConfig, run_dir: Path, overrides: list[str], ki
 
 
 # Groups whose choice defines the run: a resumed run keeps them from its checkpoint.
-RUN_DEFINING = ("model", "schedule", "dataset", "dim", "objective", "conditional", "latent")
+RUN_DEFINING = {"diffusion": ("model", "schedule", "dataset", "dim", "objective", "conditional", "latent"),
+                "vae": ("vae", "loss", "dataset", "dim")}
+
+
+def override_keys(overrides: list[str]) -> list[str]:
+    """The config keys a command line's overrides set (`+a.b=1` → a.b; `~a` → a), without hydra.* ones. The
+    one place a job reads the raw command line: resuming must tell what this start changes from the
+    stored config's values, which the composed config alone cannot."""
+    keys = (item.split("=", 1)[0].lstrip("+~") for item in overrides)
+    return [key for key in keys if not key.startswith("hydra.")]
+
+
+def refuse_run_defining(overrides: list[str], kind: str) -> None:
+    """A resumed run keeps what defines it (model, data, schedule, …): changing it is an error."""
+    for key in override_keys(overrides):
+        group = key.split(".")[0]
+        if group in RUN_DEFINING[kind]:
+            raise DiffuseError(f"cannot change {key!r} when resuming: the run keeps its {group}; "
+                               "start a new run instead")
 
 
 def merge_resume_config(saved: dict, cfg: DictConfig, overrides: list[str]) -> DictConfig:
-    """The resumed run's config: the checkpoint's, plus the scalar overrides given on this command line
-    (e.g. trainer.max_steps=…). Changing what defines the run (model, data, schedule…) is refused."""
+    """The resumed run's config: the checkpoint's, plus the values this command line sets (e.g.
+    trainer.max_steps=…), taken from the composed config."""
     merged = OmegaConf.create(saved)
-    for item in overrides:
-        key = item.split("=", 1)[0].lstrip("+~")
-        if key == "resume" or key.startswith("hydra."):
+    for key in override_keys(overrides):
+        if key == "resume":
             continue
-        if key.split(".")[0] in RUN_DEFINING:
-            raise DiffuseError(f"cannot change {key!r} when resuming: the run keeps its {key.split('.')[0]}; "
-                               "start a new run instead")
         # a group choice (logger=none) replaces the whole node; a value (trainer.max_steps=…) just itself
         OmegaConf.update(merged, key, OmegaConf.select(cfg, key), force_add=True, merge=False)
     return merged
@@ -130,6 +124,7 @@ def resolve_resume(cfg: DictConfig, run_dir: Path, overrides: list[str],
         return cfg, run_dir, None
     path = find_checkpoint(str(cfg.resume), kind, for_resume=True)
     state = load_checkpoint(path, kind=kind, allow_targets=cfg.get("allow_targets") or ())
+    refuse_run_defining(overrides, kind)
     merged = merge_resume_config(state["config"], cfg, overrides)
     merged.resume = str(path)
     folder = run_folder_of(path)
@@ -139,21 +134,54 @@ def resolve_resume(cfg: DictConfig, run_dir: Path, overrides: list[str],
     return merged, folder or run_dir, state
 
 
-
-def build_tracker(cfg: DictConfig, run_dir: Path, config_dict: dict, state: dict | None, is_main: bool):
-    """The run's Tracker from `cfg.logger`; a resumed run continues its W&B run (id kept in the checkpoint)
-    and its metrics.jsonl, from which the lines after the checkpoint's step are dropped (logged again)."""
-    tracker = Tracker(run_dir, mode=cfg.logger.mode, project=cfg.logger.project, config=config_dict,
+def start_run(cfg: DictConfig, run_dir: Path, state: dict | None, device: torch.device, dist) -> Run:
+    """The trainer's Run: the resolved config its checkpoints keep and its Tracker from `cfg.logger`; a
+    resumed run continues its W&B run (id kept in the checkpoint) and its metrics.jsonl, from which the lines
+    after the checkpoint's step are dropped (logged again)."""
+    config = OmegaConf.to_container(cfg, resolve=True)
+    tracker = Tracker(run_dir, mode=cfg.logger.mode, project=cfg.logger.project, config=config,
                       name=cfg.logger.get("name"), run_id=state.get("wandb_id") if state else None,
-                      enabled=is_main)
+                      enabled=dist.is_main)
     if state is not None:
         tracker.drop_after(int(state["step"]))
-    return tracker
+    return Run(dir=run_dir, tracker=tracker, dist=dist, device=device, seed=int(cfg.seed), config=config)
+
+
+def fit(trainer: Trainer, state: dict | None, what: str, after: Callable[[dict], None] | None = None) -> dict:
+    """What every trainer does once built: continue a resumed state, say what it trains, fit, run `after`
+    (summary) while the tracker is still open, close the tracker; the summary, with run_dir and the
+    parameter count. what: the model, for the start line (e.g. "model UNet")."""
+    if state is not None:
+        trainer.load_state_dict(state)
+    dist, tcfg, n_params = trainer.dist, trainer.cfg, trainer.num_parameters
+    if dist.is_main:
+        batch, accum = trainer.data.batch_size, tcfg.grad_accum_steps
+        log.info("%s: %.2fM parameters; %d steps of batch %d×%d%s (global batch %d) on %s; run dir %s",
+                 what, n_params / 1e6, tcfg.max_steps, batch, dist.world_size,
+                 f"×{accum} accumulated" if accum > 1 else "", batch * dist.world_size * accum, trainer.device,
+                 trainer.run_dir)
+    try:
+        summary = trainer.fit()
+        if after is not None:
+            after(summary)
+    finally:
+        trainer.tracker.finish()
+    summary.update(run_dir=str(trainer.run_dir), parameters=n_params)
+    if dist.is_main:
+        log.info("done: step %d, loss %.4f, checkpoint %s", summary["step"], summary["loss"], summary["checkpoint"])
+    return summary
+
+
+def report(*lines: str) -> None:
+    """The command's result on stdout: the paths it wrote ("samples: PATH", one per line, which scripts parse)
+    and the numbers it measured. Everything else (progress, diagnostics) goes through logging."""
+    for line in lines:
+        print(line, flush=True)
 
 
 def data_shape(dataset) -> tuple[int, ...]:
     """[C, *spatial] of one item."""
-    return (dataset.channels, *([dataset.resolution] * dataset.dim))
+    return item_shape(dataset.channels, dataset.resolution, dataset.dim)
 
 
 SEARCH_ROOTS = ("outputs", "multirun")

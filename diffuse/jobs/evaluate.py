@@ -21,13 +21,12 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from diffuse import fidelity, metrics
-from diffuse.diffusion.generation import class_labels, generate, progress_bar, sampler_steps
+from diffuse.building import build
+from diffuse.data.latent import is_latent_run
+from diffuse.diffusion.generation import class_labels
 from diffuse.errors import DiffuseError
-from diffuse.jobs.common import build, load_run, resolve_device
-from diffuse.jobs.sample import prepare_for_sampling, sampler_config
-from diffuse.latent import is_latent_run, latent_decoder, unclipped_in_latent_space
-from diffuse.training.loop import PRECISIONS
-from diffuse.validation import check_guidance
+from diffuse.jobs.common import report
+from diffuse.jobs.sampling import open_run
 
 
 def reference_dataset(saved: DictConfig, split: str | None, data_root: str | None):
@@ -96,52 +95,40 @@ def metric_names(value) -> tuple[bool, tuple[str, ...]]:
 
 def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> dict:
     with torch.inference_mode():
-        return _run(cfg, run_dir, overrides)
+        return _run(cfg, Path(run_dir))
 
 
-def _run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> dict:
-    run_dir = Path(run_dir)
-    device = resolve_device(cfg.device)
+def _run(cfg: DictConfig, run_dir: Path) -> dict:
+    """The recipe: check what is asked, open the run, load the real sets, draw, decode, score, write
+    metrics.json (and samples.npz), report."""
     want_fd, inception = metric_names(cfg.get("metrics", ["fd"]))
     # before anything slow: no weights (or no torch-fidelity) must not cost the user a sampling run
     weights = fidelity.find_weights(cfg.get("inception_weights")) if inception else None
     n = int(cfg.num_samples)
     if n < 2:
         raise DiffuseError(f"num_samples must be at least 2 (a covariance needs two); got {n}")
-    loaded = load_run(cfg.checkpoint, device, use_ema=cfg.use_ema, allow_targets=cfg.get("allow_targets") or ())
-    saved, model = loaded.config, prepare_for_sampling(loaded.model, device)
-    chosen = sampler_config(cfg, saved, overrides or [])
-    sampler = unclipped_in_latent_space(build(chosen, "sampler"), is_latent_run(saved))
-    check_guidance(sampler.guidance_scale, bool(saved.get("conditional")),
-                   float(saved.get("trainer", {}).get("cond_drop_prob") or 0), f"the run {loaded.path}")
+    session = open_run(cfg)
+    saved, sampler, device = session.run.config, session.plan.sampler, session.plan.device
     dataset = reference_dataset(saved, cfg.get("reference_split"), cfg.get("data_root"))
     real_a, real_y, real_b, real_b_y = real_sets(dataset, n)
     if inception:  # 1-D / 3-D data, odd channel counts, settings that cannot work at n: refused before sampling
         fidelity.check_images(real_a.shape[1:])
         fidelity.check_settings(n, inception, cfg.kid_subset_size, cfg.prc_neighborhood)
 
-    num_classes = int(getattr(model, "num_classes", 0) or 0)
-    labels = class_labels(n, num_classes)
+    labels = class_labels(n, session.num_classes)
     labels = None if labels is None else labels[:n]  # rounded up per class by class_labels; keep n
-    sample_shape = (int(saved.dataset.channels), *([int(saved.dataset.resolution)] * int(saved.dim)))
-    bar = progress_bar(n, sampler_steps(sampler, loaded.schedule), f"evaluate ({type(sampler).__name__})")
-    start = time.perf_counter()
-    out = generate(model, loaded.schedule, sampler, sample_shape, n, labels=labels, seed=cfg.seed,
-                   batch_size=cfg.batch_size, prediction=saved.objective.prediction,
-                   null_class=getattr(model, "null_class", None), device=device,
-                   autocast_dtype=PRECISIONS.get(cfg.get("precision", "fp32")), step_progress=bar.update)
-    seconds = time.perf_counter() - start
-    bar.close()
-    decode = latent_decoder(loaded.state, device)
-    x = torch.cat([decode(out.x[i:i + cfg.batch_size].to(device)).float().cpu()
+    out, seconds = session.plan.with_progress(session.model, n, labels, desc=f"evaluate ({type(sampler).__name__})")
+    x = torch.cat([session.decode(out.x[i:i + cfg.batch_size].to(device)).float().cpu()
                    for i in range(0, n, cfg.batch_size)]).clamp(-1, 1)
     if x.shape[1:] != real_a.shape[1:]:
         raise DiffuseError(f"samples are {tuple(x.shape[1:])} but the reference data is {tuple(real_a.shape[1:])}")
 
     result = {
-        "checkpoint": str(loaded.path), "step": loaded.step, "sampler": type(sampler).__name__,
-        "sampler_config": OmegaConf.to_container(chosen, resolve=True),
-        "steps": int(sampler.steps), "clip_x0": sampler.clip_x0, "nfe": int(out.nfe), "num_samples": n, "seconds": round(seconds, 3),
+        "checkpoint": str(session.run.path), "step": session.run.step, "sampler": type(sampler).__name__,
+        "sampler_config": OmegaConf.to_container(session.sampler_config, resolve=True),
+        "guidance_scale": session.plan.guidance_scale,
+        "steps": int(sampler.steps), "clip_x0": sampler.clip_x0, "nfe": int(out.nfe), "num_samples": n,
+        "seconds": round(seconds, 3),
     }
     if want_fd:
         net = metrics.RandomFeatures(dim=x.dim() - 2, channels=x.shape[1]).to(device)
@@ -179,21 +166,27 @@ def _run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> 
         if labels is not None:
             arrays["y"] = labels.numpy().astype(np.int64)
         np.savez(run_dir / "samples.npz", **arrays)
-    floor = "" if result.get("fd_real_vs_real") is None else f" (real vs real: {result['fd_real_vs_real']:.3f})"
-    print(f"{result['sampler']} {result['steps']} steps, {result['nfe']} NFE, {n} samples, step {loaded.step}:")
-    if want_fd:
-        print(f"  FD {result['fd']:.3f}{floor}")
-    if inception:
+    report(*summary_lines(result, session.run.step), f"metrics: {path}")
+    return result
+
+
+def summary_lines(result: dict, step: int) -> list[str]:
+    """metrics.json's numbers as the lines `diffuse evaluate` prints."""
+    n = result["num_samples"]
+    lines = [f"{result['sampler']} {result['steps']} steps, {result['nfe']} NFE, {n} samples, step {step}:"]
+    if "fd" in result:
+        floor = "" if result.get("fd_real_vs_real") is None else f" (real vs real: {result['fd_real_vs_real']:.3f})"
+        lines.append(f"  FD {result['fd']:.3f}{floor}")
+    if "inception_metric" in result:
         parts = [f"FID {result['fid']:.3f}" if "fid" in result else "",
                  f"KID {result['kid_mean']:.5f} ± {result['kid_std']:.5f}" if "kid_mean" in result else "",
                  f"precision {result['precision']:.3f} recall {result['recall']:.3f}" if "precision" in result else ""]
-        print(f"  {'  '.join(p for p in parts if p)} (Inception, {n} vs {n} images, "
-              f"weights {result['inception_weights']}, sha256 {result['inception_weights_sha256'][:8]})")
+        lines.append(f"  {'  '.join(p for p in parts if p)} (Inception, {n} vs {n} images, "
+                     f"weights {result['inception_weights']}, sha256 {result['inception_weights_sha256'][:8]})")
     if result["label_agreement"] is not None:
         ceiling = result["label_agreement_real"]
-        print(f"  label agreement {result['label_agreement']:.3f}"
-              + ("" if ceiling is None else f" (real images, same rule: {ceiling:.3f})"))
-    print(f"  off-range {result['off_range_fraction']:.3f}  mean/std {result['mean']:.3f}/{result['std']:.3f} "
-          f"(real {result['real_mean']:.3f}/{result['real_std']:.3f})")
-    print(f"metrics: {path}")
-    return result
+        lines.append(f"  label agreement {result['label_agreement']:.3f}"
+                     + ("" if ceiling is None else f" (real images, same rule: {ceiling:.3f})"))
+    lines.append(f"  off-range {result['off_range_fraction']:.3f}  mean/std {result['mean']:.3f}/{result['std']:.3f} "
+                 f"(real {result['real_mean']:.3f}/{result['real_std']:.3f})")
+    return lines

@@ -13,9 +13,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from diffuse.data.latent import CHECKPOINT_KEY, is_latent_run, read_vae_checkpoint
 from diffuse.errors import DiffuseError
-from diffuse.jobs.common import find_checkpoint
-from diffuse.latent import CHECKPOINT_KEY, is_latent_run, read_vae_checkpoint
+from diffuse.jobs.common import find_checkpoint, report
 from diffuse.training.checkpoint import load_checkpoint
 from diffuse.training.export import write_export
 
@@ -32,8 +32,6 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> d
     out = Path(str(cfg.out)).expanduser() if cfg.get("out") else Path(run_dir)
     paths = write_export(out, state, use_ema=bool(cfg.use_ema), source=str(path.resolve()))
     log.info("exported %s (step %d) → %s", path, int(state["step"]), out)
-    for name, p in paths.items():
-        print(f"{name}: {p}")
-    print(f"export: {out}")
+    report(*(f"{name}: {p}" for name, p in paths.items()), f"export: {out}")
     return {"checkpoint": str(path), "step": int(state["step"]), "export": str(out),
             **{k: str(v) for k, v in paths.items()}}

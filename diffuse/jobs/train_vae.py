@@ -16,16 +16,15 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from diffuse import media
+from diffuse.building import build
 from diffuse.data.loader import BatchStream
 from diffuse.errors import DiffuseError
-from diffuse.jobs.common import build, build_dataset, build_tracker, run_trainer_process
-from diffuse.models.vae import VAELoss
+from diffuse.jobs.common import build_dataset, fit, run_trainer_process, start_run
+from diffuse.models.vae import VAELoss, check_vae_fits_data
 from diffuse.tracking import Tracker
-from diffuse.training.loop import Trainer, TrainerConfig, prepare_training
+from diffuse.training.loop import Trainer
 
 log = logging.getLogger(__name__)
-
-VAE_RUN_DEFINING = ("vae", "loss")  # besides train.py's dataset, dim: a resumed VAE run keeps them
 
 
 class _TrackerWithLossParts:
@@ -42,14 +41,7 @@ class _TrackerWithLossParts:
 
 
 def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> dict:
-    overrides = overrides or []
-    if cfg.get("resume"):
-        for item in overrides:
-            key = item.split("=", 1)[0].lstrip("+~")
-            if key.split(".")[0] in VAE_RUN_DEFINING:
-                raise DiffuseError(f"cannot change {key!r} when resuming: the run keeps its {key.split('.')[0]}; "
-                                   "start a new run instead")
-    return run_trainer_process(cfg, Path(run_dir), overrides, "vae", _train_vae)
+    return run_trainer_process(cfg, Path(run_dir), overrides or [], "vae", _train_vae)
 
 
 def reconstruction_grid(x: torch.Tensor, recon: torch.Tensor, path: Path, per_row: int = 8) -> Path:
@@ -83,69 +75,70 @@ def _evaluation_dataset(cfg: DictConfig):
     return build(node, "evaluation dataset")
 
 
-def _train_vae(cfg, run_dir, state, device, dist) -> dict:
-    tcfg = cfg.trainer
+class ReconstructionGrids:
+    """trainer.sample_every's callback: `shown` images [N, C, *S] above their EMA reconstructions (posterior
+    means) in samples/step_N.png, and their MSE logged as ema_recon_mse."""
 
+    def __init__(self, shown: torch.Tensor, folder: Path, tracker):
+        self.shown, self.folder, self.tracker = shown, Path(folder), tracker
+
+    @torch.no_grad()
+    def __call__(self, step: int, ema_model, last: bool = False) -> None:
+        recon, _, _ = ema_model(self.shown, sample=False)
+        path = reconstruction_grid(self.shown, recon.clamp(-1, 1), self.folder / f"step_{step}.png")
+        self.tracker.log({"ema_recon_mse": float((recon.float() - self.shown).pow(2).mean())}, step)
+        self.tracker.log_image("reconstructions", path, step)
+        log.info("step %d: reconstructions → %s", step, path)
+
+
+def fit_scale_factor(cfg: DictConfig, trainer: Trainer, dataset, device) -> float:
+    """vae.scale_factor=auto: 1/std of the EMA weights' latents (the weights latent diffusion loads), measured
+    once on fixed batches; the step's checkpoints are written again holding it."""
+    stream = BatchStream(dataset, cfg.trainer.batch_size, seed=cfg.seed + 1, device=device)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    scale = trainer.ema.model.fit_scale_factor((next(stream)[0] for _ in range(int(cfg.scale_batches))), generator)
+    trainer.raw_model.set_scale_factor(scale)
+    trainer.save()
+    trainer.tracker.log({"scale_factor": scale}, trainer.step)
+    log.info("scale_factor = 1/std of the latents = %.5f (stored in %s)", scale, trainer.checkpoint_path)
+    return scale
+
+
+def _train_vae(cfg, run_dir, state, device, dist) -> dict:
+    """The recipe: data and VAE from the config; the trainer with its reconstruction grids; fit; then the
+    latent scale factor and the held-out reconstruction error; report."""
+    tcfg = cfg.trainer
     dataset = build_dataset(cfg, device)
     vae = build(cfg.vae, "vae").to(device)
-    if dataset.resolution % vae.downsample_factor:
-        raise DiffuseError(f"dataset.resolution={dataset.resolution} is not divisible by the VAE's downsampling "
-                           f"×{vae.downsample_factor}: it would not decode back to the same size")
+    check_vae_fits_data(vae.dim, vae.in_channels, vae.downsample_factor, dataset.dim, dataset.channels,
+                        dataset.resolution)
     try:
         loss_fn = VAELoss(cfg.loss.reconstruction, cfg.loss.kl_weight)
     except ValueError as e:
         raise DiffuseError(f"loss: {e}") from None
     data = BatchStream(dataset, tcfg.batch_size, seed=cfg.seed, rank=dist.rank, world_size=dist.world_size,
                        device=device)
-    max_steps, ema, train_model, optimizer, lr_scheduler = prepare_training(
-        vae, tcfg, data.batches_per_epoch, device, dist)
-    config_dict = OmegaConf.to_container(cfg, resolve=True)
-    n_params = sum(p.numel() for p in vae.parameters())
-    tracker = build_tracker(cfg, run_dir, config_dict, state, dist.is_main)
+    run = start_run(cfg, run_dir, state, device, dist)
+    run.tracker = _TrackerWithLossParts(run.tracker, loss_fn)
 
     num_shown = 32 if tcfg.num_sample_images == "auto" else int(tcfg.num_sample_images)  # no sampling here: auto = 32
     shown = dataset.get_batch(torch.arange(min(num_shown, len(dataset))), None)[0].to(device)
+    grids = ReconstructionGrids(shown, run.dir / "samples", run.tracker) if tcfg.sample_every else None
+    trainer = Trainer(vae, loss_fn, data, tcfg, run, kind="vae", extra_state={"wandb_id": run.tracker.run_id or ""},
+                      on_sample=grids)
 
-    def on_sample(step: int, ema_model, last: bool = False) -> None:
-        with torch.no_grad():
-            recon, _, _ = ema_model(shown, sample=False)
-        path = reconstruction_grid(shown, recon.clamp(-1, 1), run_dir / "samples" / f"step_{step}.png")
-        tracker.log({"ema_recon_mse": float((recon.float() - shown).pow(2).mean())}, step)
-        tracker.log_image("reconstructions", path, step)
-        log.info("step %d: reconstructions → %s", step, path)
-
-    trainer = Trainer(train_model, loss_fn, None, data, optimizer, lr_scheduler, ema,
-                      TrainerConfig.from_config(tcfg, max_steps), run_dir, _TrackerWithLossParts(tracker, loss_fn), dist, device, cfg.seed, config_dict,
-                      on_sample=on_sample if tcfg.sample_every else None, kind="vae",
-                      extra_state={"wandb_id": tracker.run_id or ""})
-    if state is not None:
-        trainer.load_state_dict(state)
-    if dist.is_main:
-        log.info("VAE: %.2fM parameters, ×%d downsampling to %d latent channels; %d steps of batch %d×%d on %s; "
-                 "run dir %s", n_params / 1e6, vae.downsample_factor, vae.latent_channels, max_steps,
-                 tcfg.batch_size, dist.world_size, device, run_dir)
-    try:
-        summary = trainer.fit()
+    def after(summary: dict) -> None:
         if cfg.vae.scale_factor == "auto":
-            # measured with the EMA weights (the ones latent diffusion loads), once, on fixed batches
-            stream = BatchStream(dataset, tcfg.batch_size, seed=cfg.seed + 1, device=device)
-            generator = torch.Generator(device=device).manual_seed(cfg.seed)
-            scale = ema.model.fit_scale_factor((next(stream)[0] for _ in range(int(cfg.scale_batches))), generator)
-            vae.set_scale_factor(scale)
-            trainer.save()  # the same step's checkpoints again, now holding the factor
-            tracker.log({"scale_factor": scale}, trainer.step)
-            log.info("scale_factor = 1/std of the latents = %.5f (stored in %s)", scale, trainer.checkpoint_path)
-        summary["scale_factor"] = ema.model.scale_factor
+            fit_scale_factor(cfg, trainer, dataset, device)
+        summary["scale_factor"] = trainer.ema.model.scale_factor
         eval_data = _evaluation_dataset(cfg) if dist.is_main else None
         if eval_data is not None:
-            mse = reconstruction_mse(ema.model, eval_data, tcfg.batch_size, device, cfg.evaluate.get("max_items"))
-            tracker.log({"eval_recon_mse": mse}, trainer.step)
+            max_items = cfg.evaluate.get("max_items")
+            mse = reconstruction_mse(trainer.ema.model, eval_data, tcfg.batch_size, device, max_items)
+            trainer.tracker.log({"eval_recon_mse": mse}, trainer.step)
             summary["eval_recon_mse"] = mse
             log.info("reconstruction MSE on the %s split (%d items, data in [-1, 1]): %.5f", cfg.evaluate.split,
-                     min(len(eval_data), int(cfg.evaluate.get("max_items") or len(eval_data))), mse)
-    finally:
-        tracker.finish()
-    summary.update(run_dir=str(run_dir), parameters=n_params)
-    if dist.is_main:
-        log.info("done: step %d, loss %.4f, checkpoint %s", summary["step"], summary["loss"], summary["checkpoint"])
-    return summary
+                     min(len(eval_data), int(max_items or len(eval_data))), mse)
+
+    return fit(trainer, state, f"VAE (×{vae.downsample_factor} downsampling to {vae.latent_channels} latent "
+                               "channels)", after=after)

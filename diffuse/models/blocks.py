@@ -5,14 +5,10 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from diffuse.dims import check_dim
+
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _CONV_T = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
-
-
-def check_dim(dim: int) -> int:
-    if dim not in (1, 2, 3):
-        raise ValueError(f"dim must be 1, 2 or 3; got {dim}")
-    return dim
 
 
 def conv_nd(dim: int, *args, **kwargs) -> nn.Module:

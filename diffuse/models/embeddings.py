@@ -77,3 +77,22 @@ class ClassEmbedding(nn.Module):
         if y is None:
             y = torch.full((batch,), self.num_classes, dtype=torch.long, device=device)
         return self.embedding(y)
+
+
+class TimeAndClassConditioned:
+    """Mixin for networks with a `time_embed` (t → emb) and an optional `class_embed` (a ClassEmbedding, None
+    when unconditional): the embedding their blocks add, and the null class guidance reads."""
+
+    time_embed: nn.Module
+    class_embed: ClassEmbedding | None
+
+    @property
+    def null_class(self) -> int | None:
+        return self.class_embed.null_class if self.class_embed is not None else None
+
+    def condition(self, t: Tensor, y: Tensor | None, x: Tensor) -> Tensor:
+        """[B] times (and [B] labels, None = the null class) of the batch x → [B, emb]."""
+        emb = self.time_embed(t)
+        if self.class_embed is not None:
+            emb = emb + self.class_embed(y, x.shape[0], x.device)
+        return emb

@@ -23,9 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from diffuse.dims import check_dim
 from diffuse.models.attention import NeighborhoodAttention
-from diffuse.models.blocks import Downsample, ResBlock, Upsample, check_dim, conv_nd, output_head
-from diffuse.models.embeddings import ClassEmbedding, SinusoidalTimeEmbedding, TimeMLP
+from diffuse.models.blocks import Downsample, ResBlock, Upsample, conv_nd, output_head
+from diffuse.models.embeddings import ClassEmbedding, SinusoidalTimeEmbedding, TimeAndClassConditioned, TimeMLP
 
 
 @dataclass(frozen=True)
@@ -128,7 +129,7 @@ class _Stage(nn.Module):
         return h
 
 
-class MSNATUNet(nn.Module):
+class MSNATUNet(TimeAndClassConditioned, nn.Module):
     """Multi-scale neighborhood-attention UNet; levels as in `LevelSpec`, each but the last halving sizes.
 
     levels: list of level specs, or {dim1: [...], dim2: [...], dim3: [...]} (picked by `dim`); None = defaults.
@@ -181,18 +182,12 @@ class MSNATUNet(nn.Module):
 
         self.head = output_head(dim, ch, out_channels)
 
-    @property
-    def null_class(self) -> int | None:
-        return self.class_embed.null_class if self.class_embed is not None else None
-
     def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         factor = 2 ** (len(self.levels) - 1)
         if x.ndim != self.dim + 2 or any(s % factor for s in x.shape[2:]):
             raise ValueError(f"MSNATUNet(dim={self.dim}, {len(self.levels)} levels) takes [B, C, *spatial] with "
                              f"{self.dim} spatial sizes divisible by {factor}; got {tuple(x.shape)}")
-        emb = self.time_embed(t)
-        if self.class_embed is not None:
-            emb = emb + self.class_embed(y, x.shape[0], x.device)
+        emb = self.condition(t, y, x)
         h = self.stem(x)
         skips = []
         for i, stage in enumerate(self.encoder):

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffuse.models.blocks import broadcast_channels, group_norm
-from diffuse.models.embeddings import ClassEmbedding, SinusoidalTimeEmbedding, TimeMLP
+from diffuse.models.embeddings import ClassEmbedding, SinusoidalTimeEmbedding, TimeAndClassConditioned, TimeMLP
 
 NORMS = ("group", "batch")
 
@@ -125,7 +125,7 @@ class DecoderBlock(nn.Module):
         return self.out(self.time(h, emb))
 
 
-class ShuffleNetUNet(nn.Module):
+class ShuffleNetUNet(TimeAndClassConditioned, nn.Module):
     """Encoder blocks at widths base·channel_mult (each halves the size), a middle of ShuffleUnits, and
     mirrored decoder blocks; the seed is base_channels=64, channel_mult=(2, 4): 28 → 14 → 7 → 14 → 28.
 
@@ -162,16 +162,10 @@ class ShuffleNetUNet(nn.Module):
         nn.init.zeros_(self.head.weight)  # start as the zero predictor: a stable first step
         nn.init.zeros_(self.head.bias)
 
-    @property
-    def null_class(self) -> int | None:
-        return self.class_embed.null_class if self.class_embed is not None else None
-
     def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         if x.ndim != 4:
             raise ValueError(f"ShuffleNetUNet takes [B, C, H, W]; got {tuple(x.shape)}")
-        emb = self.time_embed(t)
-        if self.class_embed is not None:
-            emb = emb + self.class_embed(y, x.shape[0], x.device)
+        emb = self.condition(t, y, x)
         h = self.stem(x)
         skips = []
         for block in self.encoder:

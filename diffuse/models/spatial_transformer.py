@@ -32,9 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from diffuse.dims import check_dim
 from diffuse.models.attention import MultiHeadAttention
-from diffuse.models.blocks import broadcast_channels, check_dim, conv_nd, conv_transpose_nd
-from diffuse.models.embeddings import ClassEmbedding, GaussianFourierProjection
+from diffuse.models.blocks import broadcast_channels, conv_nd, conv_transpose_nd
+from diffuse.models.embeddings import ClassEmbedding, GaussianFourierProjection, TimeAndClassConditioned
 
 
 class TransformerBlock(nn.Module):
@@ -84,7 +85,7 @@ class _ConvLevel(nn.Module):
         return F.silu(self.norm(h + broadcast_channels(self.dense(emb), h.ndim)))
 
 
-class SpatialTransformerUNet(nn.Module):
+class SpatialTransformerUNet(TimeAndClassConditioned, nn.Module):
     """Four levels of widths `channels` (the tutorial's [32, 64, 128, 256]); spatial transformers at the
     levels in `attn_levels` (0-based, encoder and decoder alike; default the two coarsest).
 
@@ -127,10 +128,6 @@ class SpatialTransformerUNet(nn.Module):
                                   _ConvLevel(tconv(2 * c[1], c[0], 2), c[0], embed_dim, 32)])
         self.dec_attn = nn.ModuleList([attn(i, c[i]) or nn.Identity() for i in (2, 1, 0)])
         self.head = conv_transpose_nd(dim, 2 * c[0], out_channels, 3, stride=1)
-
-    @property
-    def null_class(self) -> int | None:
-        return self.class_embed.null_class if self.class_embed is not None else None
 
     @staticmethod
     def min_size() -> int:

@@ -10,12 +10,13 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from diffuse.dims import check_dim
 from diffuse.models.attention import SpatialSelfAttention
-from diffuse.models.blocks import Downsample, ResBlock, Upsample, check_dim, conv_nd, output_head
-from diffuse.models.embeddings import ClassEmbedding, SinusoidalTimeEmbedding, TimeMLP
+from diffuse.models.blocks import Downsample, ResBlock, Upsample, conv_nd, output_head
+from diffuse.models.embeddings import ClassEmbedding, SinusoidalTimeEmbedding, TimeAndClassConditioned, TimeMLP
 
 
-class UNet(nn.Module):
+class UNet(TimeAndClassConditioned, nn.Module):
     """Encoder of `len(channel_mult)` levels (ResBlocks, attention at `attn_levels`), a middle block, and a
     mirrored decoder fed by skip connections. Each level but the last halves the spatial size.
 
@@ -68,18 +69,12 @@ class UNet(nn.Module):
 
         self.head = output_head(dim, ch, out_channels)
 
-    @property
-    def null_class(self) -> int | None:
-        return self.class_embed.null_class if self.class_embed is not None else None
-
     def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         factor = 2 ** (self.num_levels - 1)
         if any(s % factor for s in x.shape[2:]):
             raise ValueError(f"UNet with {self.num_levels} levels needs spatial sizes divisible by {factor}; "
                              f"got {tuple(x.shape[2:])}")
-        emb = self.time_embed(t)
-        if self.class_embed is not None:
-            emb = emb + self.class_embed(y, x.shape[0], x.device)
+        emb = self.condition(t, y, x)
         h = self.stem(x)
         hs = [h]
         for layer in self.down:

@@ -26,8 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from diffuse.dims import check_dim
+from diffuse.errors import DiffuseError
 from diffuse.models.attention import MultiHeadAttention
-from diffuse.models.blocks import Upsample, check_dim, conv_nd, group_norm
+from diffuse.models.blocks import Upsample, conv_nd, group_norm
 
 SD_SCALE_FACTOR = 0.18215
 LOGVAR_RANGE = (-30.0, 20.0)
@@ -235,7 +237,7 @@ class VAE(nn.Module):
         self.encoder = VAEEncoder(in_channels=in_channels, **kw)
         self.decoder = VAEDecoder(out_channels=in_channels, **kw)
         self.dim, self.in_channels, self.latent_channels = dim, in_channels, latent_channels
-        self.downsample_factor = 2 ** (len(channel_mult) - 1)
+        self.downsample_factor = downsample_factor(channel_mult)
 
     @property
     def scale_factor(self) -> float:
@@ -283,6 +285,24 @@ class VAE(nn.Module):
         scale = 1.0 / math.sqrt(var)
         self.set_scale_factor(scale)
         return scale
+
+
+def downsample_factor(channel_mult) -> int:
+    """The VAE's spatial downsampling: ×2 between consecutive levels of channel_mult."""
+    return 2 ** (len(channel_mult) - 1)
+
+
+def check_vae_fits_data(vae_dim: int, vae_channels: int, factor: int, dim: int, channels: int, resolution: int,
+                        vae: str = "the VAE") -> None:
+    """One rule for a VAE and the data it encodes (train-vae, latent runs, the latent dataset): the same dim and
+    channels, and a resolution its ×factor downsampling divides, else it would not decode back to that size."""
+    if int(vae_dim) != int(dim):
+        raise DiffuseError(f"{vae} is {vae_dim}-D but the data is {dim}-D (dim={dim})")
+    if int(vae_channels) != int(channels):
+        raise DiffuseError(f"{vae} takes {vae_channels} channels but the data has {channels} (dataset.channels)")
+    if int(resolution) % int(factor):
+        raise DiffuseError(f"dataset.resolution={resolution} is not divisible by {vae}'s downsampling ×{factor}: "
+                           "it would not decode back to the same size")
 
 
 RECONSTRUCTIONS = ("l1", "l2")

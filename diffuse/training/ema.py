@@ -36,7 +36,7 @@ class EMA:
         self.num_updates += 1
 
     def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "num_updates": self.num_updates, "decay": self.decay}
+        return {"model": self.model.state_dict(), "num_updates": self.num_updates}  # decay: the config's
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])

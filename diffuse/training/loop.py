@@ -86,25 +86,6 @@ def use_channels_last(setting, model: nn.Module, device: torch.device) -> bool:
     raise DiffuseError(f"trainer.channels_last must be auto, true or false; got {setting!r}")
 
 
-def prepare_training(model: nn.Module, tcfg, batches_per_epoch: int, device: torch.device, dist: DistInfo):
-    """The parts every trainer needs, from the `trainer` config: step count, EMA, the (compiled, DDP-wrapped)
-    module to train, AdamW and its LR schedule. Returns (max_steps, ema, train_model, optimizer, lr_scheduler)."""
-    max_steps = int(tcfg.epochs) * batches_per_epoch if tcfg.get("epochs") else tcfg.max_steps
-    if not max_steps or max_steps < 1:
-        raise DiffuseError("set trainer.max_steps or trainer.epochs to a positive number")
-    if use_channels_last(tcfg.get("channels_last", "auto"), model, device):
-        model.to(memory_format=torch.channels_last)  # before the EMA copy and the optimizer see the weights
-    ema = EMA(model, decay=tcfg.ema_decay, warmup=tcfg.ema_warmup)
-    train_model = torch.compile(model) if tcfg.compile else model
-    if dist.enabled:
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            train_model, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = build_optimizer(model, tcfg.lr, tcfg.weight_decay, tcfg.betas)
-    lr_scheduler = build_lr_scheduler(optimizer, tcfg.lr_schedule, max_steps, tcfg.lr, tcfg.warmup_steps,
-                                      tcfg.pct_start, tcfg.min_lr_ratio)
-    return max_steps, ema, train_model, optimizer, lr_scheduler
-
-
 @dataclass
 class TrainerConfig:
     max_steps: int
@@ -121,14 +102,30 @@ class TrainerConfig:
     eval_every: int = 0                 # sample quality (FD / FID) every N steps (0: only at the end, if set)
 
     @classmethod
-    def from_config(cls, tcfg, max_steps: int) -> "TrainerConfig":
-        """From a `trainer` config node, with the step count prepare_training resolved."""
-        return cls(max_steps=max_steps, log_every=tcfg.log_every, checkpoint_every=tcfg.checkpoint_every,
+    def from_config(cls, tcfg, batches_per_epoch: int) -> "TrainerConfig":
+        """From a `trainer` config node; the step count from max_steps, or from epochs of the data stream."""
+        max_steps = int(tcfg.epochs) * batches_per_epoch if tcfg.get("epochs") else tcfg.max_steps
+        if not max_steps or max_steps < 1:
+            raise DiffuseError("set trainer.max_steps or trainer.epochs to a positive number")
+        return cls(max_steps=int(max_steps), log_every=tcfg.log_every, checkpoint_every=tcfg.checkpoint_every,
                    sample_every=tcfg.sample_every, grad_clip=tcfg.grad_clip, precision=tcfg.precision,
                    keep_checkpoints=tcfg.get("keep_checkpoints", 3),
                    max_nonfinite_steps=tcfg.get("max_nonfinite_steps", 20),
                    max_time_s=parse_max_time(tcfg.get("max_time")), val_every=tcfg.get("val_every") or 0,
                    grad_accum_steps=tcfg.get("grad_accum_steps") or 1, eval_every=tcfg.get("eval_every") or 0)
+
+
+@dataclass
+class Run:
+    """Where a trainer runs and reports: its folder, tracker, process group, device, seed, and the resolved
+    config its checkpoints keep."""
+
+    dir: Path
+    tracker: object
+    dist: DistInfo
+    device: torch.device
+    seed: int
+    config: dict
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -150,36 +147,54 @@ HYPERPARAMETERS = ("lr", "initial_lr", "max_lr", "min_lr", "weight_decay", "beta
 class Trainer:
     """Owns model, EMA, optimizer, LR schedule, data stream and loss RNG; `fit()` runs to max_steps.
 
+    model: the network (plain; compiled and DDP-wrapped here); loss_fn(model, schedule, x0, y, generator) →
+    loss; data: a BatchStream; tcfg: the `trainer` config node; run: see Run; schedule: what loss_fn gets
+    (None for the VAE); kind: what the checkpoints hold ("diffusion" | "vae"); extra_state: more entries for
+    every checkpoint;
     on_sample(step, ema_model, last): a sample grid every `sample_every` steps and at the end (last=True, also
-    when a time budget ends the run early); kind: what the checkpoints hold ("diffusion" | "vae");
-    extra_state: more entries for every checkpoint;
+    when a time budget ends the run early);
     validator(ema_model) -> metrics: the held-out score, every `val_every` steps and at the end (every rank);
     evaluator(ema_model) -> metrics: sample quality, every `eval_every` steps and at the end (rank 0 draws)."""
 
-    def __init__(self, model: nn.Module, loss_fn: Callable, schedule, data, optimizer, lr_scheduler,
-                 ema: EMA, cfg: TrainerConfig, run_dir: Path, tracker, dist: DistInfo,
-                 device: torch.device, seed: int, config_dict: dict,
-                 on_sample: Callable[[int, nn.Module, bool], None] | None = None, kind: str = "diffusion",
-                 extra_state: dict | None = None, validator: Callable[[nn.Module], dict] | None = None,
+    def __init__(self, model: nn.Module, loss_fn: Callable, data, tcfg, run: Run, schedule=None,
+                 kind: str = "diffusion", extra_state: dict | None = None,
+                 on_sample: Callable[[int, nn.Module, bool], None] | None = None,
+                 validator: Callable[[nn.Module], dict] | None = None,
                  evaluator: Callable[[nn.Module], dict] | None = None):
-        cfg.precision = resolve_precision(cfg.precision, device)
+        cfg = TrainerConfig.from_config(tcfg, data.batches_per_epoch)
+        cfg.precision = resolve_precision(cfg.precision, run.device)
         if cfg.precision not in PRECISIONS:
             raise DiffuseError(f"trainer.precision must be one of {', '.join(PRECISIONS)}, auto; got {cfg.precision!r}")
-        self.model, self.loss_fn, self.schedule, self.data = model, loss_fn, schedule, data
-        self.optimizer, self.lr_scheduler, self.ema, self.cfg = optimizer, lr_scheduler, ema, cfg
-        self.run_dir, self.tracker, self.dist, self.device = Path(run_dir), tracker, dist, device
-        self.config_dict, self.on_sample, self.kind, self.validator = config_dict, on_sample, kind, validator
-        self.evaluator = evaluator
+        device, dist = run.device, run.dist
+        # the training set-up, in order: weight layout → EMA copy → compile → DDP → optimizer → LR → scaler
+        if use_channels_last(tcfg.get("channels_last", "auto"), model, device):
+            model.to(memory_format=torch.channels_last)  # before the EMA copy and the optimizer see the weights
+        self.ema = EMA(model, decay=tcfg.ema_decay, warmup=tcfg.ema_warmup)
+        self.model = torch.compile(model) if tcfg.compile else model
+        if dist.enabled:
+            self.model = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[device.index] if device.type == "cuda" else None)
+        self.optimizer = build_optimizer(model, tcfg.lr, tcfg.weight_decay, tcfg.betas)
+        self.lr_scheduler = build_lr_scheduler(self.optimizer, tcfg.lr_schedule, cfg.max_steps, tcfg.lr,
+                                               tcfg.warmup_steps, tcfg.pct_start, tcfg.min_lr_ratio)
+        # fp16 needs loss scaling on every device (its range underflows small gradients), bf16 does not
+        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+        self.autocast_dtype = PRECISIONS[cfg.precision]
+        # the configured optimizer settings, to win over the checkpoint's on resume
+        self.configured_groups = [{k: g[k] for k in HYPERPARAMETERS if k in g} for g in self.optimizer.param_groups]
+
+        self.loss_fn, self.schedule, self.data, self.cfg, self.kind = loss_fn, schedule, data, cfg, kind
+        self.run_dir, self.tracker, self.dist, self.device = Path(run.dir), run.tracker, dist, device
+        self.seed, self.config_dict = run.seed, run.config
+        self.on_sample, self.validator, self.evaluator = on_sample, validator, evaluator
         self.extra_state = dict(extra_state or {})
         self.step = 0
         self.skipped_steps = 0  # optimizer steps skipped for a non-finite gradient, in all
-        self.seed = seed
-        self.loss_generator = torch.Generator(device=device).manual_seed(seed * 7919 + dist.rank)
-        self.autocast_dtype = PRECISIONS[cfg.precision]
-        # fp16 needs loss scaling on every device (its range underflows small gradients), bf16 does not
-        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
-        # the configured optimizer settings, to win over the checkpoint's on resume
-        self.configured_groups = [{k: g[k] for k in HYPERPARAMETERS if k in g} for g in optimizer.param_groups]
+        self.loss_generator = torch.Generator(device=device).manual_seed(run.seed * 7919 + dist.rank)
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.raw_model.parameters())
 
     @property
     def raw_model(self) -> nn.Module:

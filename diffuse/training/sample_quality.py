@@ -12,43 +12,38 @@ import torch
 from torch import Tensor, nn
 
 from diffuse import fidelity, metrics
-from diffuse.diffusion.generation import class_labels, generate
+from diffuse.diffusion.generation import SamplingPlan, class_labels
 from diffuse.errors import DiffuseError
 
 METRICS = ("fd", "fid")
 
 
 class SampleQuality:
-    """reference: real images [n, C, *S] in [−1, 1] (data space); decode: latents → data for latent runs;
-    weights: the Inception weights file for fid (None: torch hub's cache). `__call__(model)` →
-    {metric: value, "eval_samples": n}."""
+    """reference: real images [n, C, *S] in [−1, 1] (data space); plan: how samples are drawn; decode:
+    latents → data for latent runs; weights: the Inception weights file for fid (None: torch hub's cache).
+    `__call__(model)` → {metric: value, "eval_samples": n}."""
 
-    def __init__(self, metric: str, reference: Tensor, schedule, sampler, sample_shape, prediction: str,
-                 num_classes: int, null_class: int | None, batch_size: int, device: torch.device,
-                 seed: int = 0, decode: Callable[[Tensor], Tensor] | None = None, weights: str | None = None):
+    def __init__(self, metric: str, reference: Tensor, plan: SamplingPlan, num_classes: int,
+                 decode: Callable[[Tensor], Tensor] | None = None, weights: str | None = None):
         if metric not in METRICS:
             raise DiffuseError(f"trainer.eval_metric must be one of {', '.join(METRICS)}; got {metric!r}")
-        self.metric, self.reference = metric, reference.float().cpu()
+        self.metric, self.reference, self.plan = metric, reference.float().cpu(), plan
         self.n = len(reference)
         self.weights = None
         if metric == "fid":  # before training starts: no weights must not cost a run
             fidelity.check_images(self.reference.shape[1:])
             self.weights = fidelity.find_weights(weights)
-        self.schedule, self.sampler, self.sample_shape = schedule, sampler, tuple(sample_shape)
-        self.prediction, self.null_class, self.batch_size = prediction, null_class, int(batch_size)
         self.labels = class_labels(self.n, num_classes)
         self.labels = None if self.labels is None else self.labels[:self.n]
-        self.device, self.seed, self.decode = device, seed, decode or (lambda x: x)
+        self.decode = decode or (lambda x: x)
 
     @torch.no_grad()
     def __call__(self, model: nn.Module) -> dict:
-        out = generate(model, self.schedule, self.sampler, self.sample_shape, self.n, labels=self.labels,
-                       seed=self.seed, batch_size=self.batch_size, prediction=self.prediction,
-                       null_class=self.null_class, device=self.device)
-        x = self.decode(out.x).float().cpu().clamp(-1, 1)
+        x = self.decode(self.plan(model, self.n, self.labels).x).float().cpu().clamp(-1, 1)
         if self.metric == "fd":
             net = metrics.RandomFeatures(dim=x.dim() - 2, channels=x.shape[1])
             value = metrics.frechet_distance(metrics.features(net, x), metrics.features(net, self.reference))
         else:
-            value = fidelity.compute(x, self.reference, ("fid",), weights=self.weights, device=self.device)["fid"]
+            value = fidelity.compute(x, self.reference, ("fid",), weights=self.weights,
+                                     device=self.plan.device)["fid"]
         return {self.metric: float(value), "eval_samples": self.n}

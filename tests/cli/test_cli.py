@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffuse.cli import split_flags, translate
+from diffuse.cli import own_sampler_overrides, split_flags, translate
 
 from conftest import CUDA_TINY, TINY, requires_cuda, run_cli
 
@@ -186,3 +186,12 @@ def test_flag_translation():
         "animation.enabled=true", "checkpoint=a/b.ckpt", "num_samples=4", "-m", "x=1"]
     assert translate(["--cfg", "job", "--help"]) == ["--cfg", "job", "--help"]
     assert split_flags(["a=1", "--cfg", "job", "b=2", "-m"]) == (["a=1", "b=2"], ["--cfg", "job", "-m"])
+
+
+def test_sampler_values_without_a_sampler_choice_apply_to_the_runs_own():
+    """sample/evaluate have no sampler node unless one is chosen (sampler: null = the run's own): their
+    sampler.* values become add-or-override (++), which works with and without a choice, in a sweep too."""
+    assert own_sampler_overrides("sample", ["sampler.steps=8", "num_samples=4"]) == ["++sampler.steps=8", "num_samples=4"]
+    assert own_sampler_overrides("evaluate", ["sampler=ddim,heun", "sampler.steps=4"]) == [
+        "sampler=ddim,heun", "++sampler.steps=4"]
+    assert own_sampler_overrides("train", ["sampler.steps=8"]) == ["sampler.steps=8"]  # train: a sampler always

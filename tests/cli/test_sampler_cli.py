@@ -39,7 +39,7 @@ def test_train_vesde_then_sample_with_every_sampler(tmp_path):
     assert f"sampler={SAMPLERS[-1]}" in multi.stderr + multi.stdout
 
     # the run's own sampler (Euler–Maruyama), guided, as a plain `diffuse sample`
-    guided = run_cli(["sample", f"checkpoint={ckpts[0]}", "sampler.steps=8", "sampler.guidance_scale=2.0",
+    guided = run_cli(["sample", f"checkpoint={ckpts[0]}", "sampler.steps=8", "guidance.scale=2.0",
                       "num_samples=4", "device=cpu"], tmp_path)
     assert guided.returncode == 0, guided.stderr[-2000:]
     assert "sample (EulerMaruyama): 4 samples × 8 steps" in guided.stderr  # the run's own sampler, 8 steps

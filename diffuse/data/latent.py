@@ -4,12 +4,12 @@ frozen VAE trained by `diffuse train-vae`.
     diffuse train latent.vae=outputs/…/checkpoints/last.ckpt dataset=mnist model=unet …
     diffuse sample                     # decodes to data space by itself
 
-How the jobs see it: `use_latent_space(cfg)` turns `cfg.dataset` into the description of a `LatentDataset`
-(the data's own config moves to `dataset.data`; channels/resolution become the latent's), so everything that
-reads `${dataset.channels}`, `dataset.resolution` or `dataset.dim` (model configs, the sample shape of
-`diffuse sample`) sees the latent without knowing about it. The dataset encodes batches with the frozen
-VAE, or once up front into memory (`latent.cache`). The diffusion checkpoint stores the VAE's path and also
-its config and weights (`latent_vae`), so `diffuse sample` decodes from the checkpoint alone.
+This module is the data side: `LatentDataset` (items are a frozen VAE's scaled latents of another dataset's
+items, encoded per batch or once up front into memory, `latent.cache`) and the VAE decoding that turns a
+latent run's samples back into data. The job side, which rewrites a run's `dataset` node into a
+LatentDataset's (diffuse/jobs/latent_space.py), makes everything that reads `${dataset.channels}` or
+`dataset.resolution` see the latent without knowing about it. The diffusion checkpoint stores the VAE's path
+and also its config and weights (`latent_vae`), so `diffuse sample` decodes from the checkpoint alone.
 """
 
 from __future__ import annotations
@@ -20,18 +20,19 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from diffuse.building import build
+from diffuse.devices import resolve_device
 from diffuse.errors import DiffuseError
-from diffuse.jobs.common import build, resolve_device
-from diffuse.models.vae import VAE
+from diffuse.models.vae import VAE, check_vae_fits_data
 from diffuse.training.checkpoint import load_checkpoint
 
 log = logging.getLogger(__name__)
 
-LATENT_DATASET = "diffuse.latent.LatentDataset"
+LATENT_DATASET = "diffuse.data.latent.LatentDataset"
 CHECKPOINT_KEY = "latent_vae"  # the VAE record inside a latent-diffusion checkpoint
 
 
@@ -87,61 +88,6 @@ def is_latent_run(config: DictConfig | dict) -> bool:
     return (config.get("dataset") or {}).get("_target_") == LATENT_DATASET
 
 
-def unclipped_in_latent_space(sampler, latent: bool):
-    """x̂₀ clipping clamps to the data range [−1, 1]. Scaled latents are not bounded by it (std ≈ 1: the
-    clamp cuts about a third of them) and clamping them ruins the samples (latent MNIST, 1000 samples of
-    DDPM with 1000 steps: FD 0.30 unclipped vs 2.37 clipped). So a latent run samples unclipped unless clip_range was set to
-    something other than the data range."""
-    if latent and getattr(sampler, "dynamic_threshold", None) is not None:
-        log.warning("sampler.dynamic_threshold rescales x̂₀ towards the data range, which latents do not lie in: "
-                    "sampling without it")
-        sampler.dynamic_threshold = None
-    if latent and sampler.clip_x0 and tuple(sampler.clip_range) == (-1.0, 1.0):
-        log.warning("sampler.clip_x0 clamps x̂₀ to the data range [-1, 1], which latents do not lie in: "
-                    "sampling without it (set sampler.clip_range to clamp latents)")
-        sampler.clip_x0 = False
-    return sampler
-
-
-# ----- the config rewrite of `diffuse train latent.vae=…` ---------------------------------------------
-
-def use_latent_space(cfg: DictConfig) -> bool:
-    """With latent.vae set, make cfg.dataset a LatentDataset over the configured data (in place).
-
-    Idempotent: a resumed run's config already has it. Returns whether the run is a latent one.
-    """
-    latent = cfg.get("latent") or {}
-    if not latent.get("vae"):
-        return False
-    if cfg.dataset.get("_target_") == LATENT_DATASET:  # a resumed run: encode on this run's device
-        with open_dict(cfg):
-            cfg.dataset.device = cfg.get("device", "auto")
-        return True
-    record = read_vae_checkpoint(latent.vae)
-    vae_cfg = record["config"]
-    factor = 2 ** (len(vae_cfg["channel_mult"]) - 1)
-    data = OmegaConf.to_container(cfg.dataset, resolve=True)
-    resolution = int(data["resolution"])
-    if resolution % factor:
-        raise DiffuseError(f"dataset.resolution={resolution} is not divisible by the VAE's downsampling ×{factor}")
-    if int(vae_cfg["dim"]) != int(cfg.dim):
-        raise DiffuseError(f"the VAE {record['path']} is {vae_cfg['dim']}-D but dim={cfg.dim}")
-    if int(vae_cfg["in_channels"]) != int(data["channels"]):
-        raise DiffuseError(f"the VAE {record['path']} takes {vae_cfg['in_channels']} channels but "
-                           f"dataset.channels={data['channels']}")
-    with open_dict(cfg):
-        cfg.latent.vae = record["path"]
-        cfg.dataset = {"_target_": LATENT_DATASET, "data": data, "vae": record["path"],
-                       "cache": bool(latent.get("cache", True)), "sample": bool(latent.get("sample", True)),
-                       "device": cfg.get("device", "auto"), "dim": int(cfg.dim),
-                       "resolution": resolution // factor, "channels": int(vae_cfg["latent_channels"]),
-                       "num_classes": int(data.get("num_classes") or 0)}
-    log.info("latent diffusion: data %s → VAE %s → latents %s",
-             (data["channels"], *[resolution] * cfg.dim), record["path"],
-             (vae_cfg["latent_channels"], *[resolution // factor] * cfg.dim))
-    return True
-
-
 # ----- the dataset ---------------------------------------------------------------------------------
 
 class LatentDataset:
@@ -164,12 +110,8 @@ class LatentDataset:
         else:
             self.record = read_vae_checkpoint(vae)
             self.vae = vae_from_record(self.record, self.device)
-        if data.channels != self.vae.in_channels or data.dim != self.vae.dim:
-            raise DiffuseError(f"the VAE takes {self.vae.dim}-D data with {self.vae.in_channels} channels; the "
-                               f"dataset is {data.dim}-D with {data.channels}")
-        if data.resolution % self.vae.downsample_factor:
-            raise DiffuseError(f"dataset resolution {data.resolution} is not divisible by the VAE's downsampling "
-                               f"×{self.vae.downsample_factor}")
+        check_vae_fits_data(self.vae.dim, self.vae.in_channels, self.vae.downsample_factor, data.dim, data.channels,
+                            data.resolution)
         self.data, self.sample, self.batch_size = data, bool(sample), batch_size
         self.dim, self.channels = data.dim, self.vae.latent_channels
         self.resolution = data.resolution // self.vae.downsample_factor

@@ -1,0 +1,23 @@
+"""Spatial dimensionality and the shape of one data item: the same rule for models, data and jobs."""
+
+from __future__ import annotations
+
+from diffuse.errors import DiffuseError
+
+
+def check_dim(dim) -> int:
+    """1, 2 or 3 spatial dimensions."""
+    if dim not in (1, 2, 3):
+        raise DiffuseError(f"dim must be 1, 2 or 3; got {dim!r}")
+    return int(dim)
+
+
+def item_shape(channels: int, resolution: int, dim: int) -> tuple[int, ...]:
+    """[C, *spatial] of one item: `resolution` along each of the `dim` spatial axes."""
+    return (int(channels), *[int(resolution)] * check_dim(int(dim)))
+
+
+def config_item_shape(config) -> tuple[int, ...]:
+    """[C, *spatial] of a run's items from its config (composed, or stored in a checkpoint): dataset.channels,
+    dataset.resolution and dim (a latent run's dataset node describes its latents)."""
+    return item_shape(config["dataset"]["channels"], config["dataset"]["resolution"], config["dim"])

@@ -1,0 +1,39 @@
+"""Whether a server answers, asked with a few-second budget: used before downloads and before online W&B,
+which both can otherwise hang for minutes on a machine without network."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Sequence
+from urllib.parse import urlparse
+
+
+def reachable(urls: Sequence[str], timeout: float = 5.0) -> bool:
+    """True when a TCP connection to one of the urls' hosts opens within `timeout` seconds (DNS included:
+    the probe runs in a daemon thread, since name lookup ignores socket timeouts)."""
+    if not urls:
+        return False
+    done, lock = threading.Event(), threading.Lock()
+    state = {"ok": False, "pending": len(urls)}
+
+    def probe(url: str) -> None:
+        u = urlparse(url)
+        ok = False
+        try:
+            with socket.create_connection((u.hostname, u.port or (443 if u.scheme == "https" else 80)),
+                                          timeout=timeout):
+                ok = True
+        except (OSError, ValueError):
+            pass
+        with lock:  # done at the first success, or once every probe has failed (refused: at once)
+            state["ok"] |= ok
+            state["pending"] -= 1
+            if ok or not state["pending"]:
+                done.set()
+
+    for url in urls:
+        threading.Thread(target=probe, args=(url,), daemon=True).start()
+    done.wait(timeout)
+    with lock:
+        return state["ok"]
