@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from diffuse.data.folder import RESOLVER as FOLDER_CLASSES
 from diffuse.data.folder import count_classes
+from diffuse.dims import by_dim
 from diffuse.errors import DiffuseError
 from diffuse.jobs.common import SEARCH_ROOTS
 from diffuse.training.checkpoint import latest_run, run_folder_of, run_kind
@@ -75,6 +76,9 @@ def _register_resolvers() -> None:
     if not OmegaConf.has_resolver("if"):
         # ${if:cond,a,b}: lets `conditional: false` turn a model's num_classes to 0 in YAML
         OmegaConf.register_new_resolver("if", lambda cond, a, b: a if cond else b)
+    if not OmegaConf.has_resolver("by_dim"):
+        # ${by_dim:${dim},a,b,c}: defaults sized per dim (3-D shapes at 16³, a narrower 3-D network, …)
+        OmegaConf.register_new_resolver("by_dim", by_dim)
     if not OmegaConf.has_resolver(FOLDER_CLASSES):
         # ${folder_classes:path,extensions}: dataset=folder counts its class sub-folders at compose time
         OmegaConf.register_new_resolver(FOLDER_CLASSES, count_classes)

@@ -117,3 +117,26 @@ def test_msnat_experiments_compose(name):
     cfg = compose_cfg("train", [f"experiment={name}"])
     assert cfg.model._target_.endswith("MSNATUNet") and cfg.dim == int(name[-2])
     assert cfg.dataset._target_.endswith("ShapesDataset")
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    ([], (32, 32, 64, 1000)),                                          # 2-D: unchanged
+    (["dim=1"], (32, 32, 64, 1000)),
+    (["dim=3"], (16, 16, 16, 600)),                                    # 3-D: ~10 min on 2 CPU cores
+    (["dim=3", "model=msnat"], (16, 16, 16, 600)),
+    (["dim=3", "dataset.resolution=32", "trainer.batch_size=4"], (32, 16, 4, 600)),  # a value given wins
+    (["experiment=msnat_3d"], (16, 32, 8, 1000)),                      # a published setup pins its own
+])
+def test_defaults_are_sized_per_dim(overrides, expected):
+    """(dataset.resolution, model.base_channels, trainer.batch_size, trainer.max_steps) by dim (${by_dim:…})."""
+    cfg = compose_cfg("train", overrides)
+    assert (cfg.dataset.resolution, cfg.model.base_channels, cfg.trainer.batch_size, cfg.trainer.max_steps) == expected
+
+
+def test_by_dim_picks_the_value_for_the_dim():
+    from diffuse.dims import by_dim
+
+    assert [by_dim(d, "a", "b", "c") for d in (1, 2, 3)] == ["a", "b", "c"]
+    assert by_dim(7, "a", "b", "c") == "c"  # validation reports the bad dim itself, in one line
+    with pytest.raises(ValueError, match="three values"):
+        by_dim(2, "a", "b")
