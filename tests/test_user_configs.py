@@ -133,7 +133,7 @@ def test_project_configs_come_first_and_config_dir_still_works(project, tmp_path
     (extra / "model" / "other.yaml").write_text("_target_: diffuse.models.unet.UNet\nbase_channels: 5\n")
     res = run_inproc(["train", "model=other", "--config-dir", str(extra), "--cfg", "job"], proj)
     assert res.returncode == 0 and "base_channels: 5" in res.stdout, res.stderr[-2000:]
-    res = run_inproc(["train", "--cfg", "job"], tmp_path)  # no ./conf: the packaged configs alone
+    res = run_inproc(["train", "--cfg", "job", "--resolve"], tmp_path)  # no ./conf: the packaged configs alone
     assert "base_channels: 32" in res.stdout
 
 
