@@ -61,6 +61,19 @@ def upgrade_targets(config):
     return config
 
 
+def upgrade_stored_config(config):
+    """A stored config written by an older diffuse, brought up to date in place (and returned), before it is
+    vetted and used: moved classes renamed (upgrade_targets), and the sampler's `guidance_scale`, now the
+    `guidance` node's `scale`, moved there (samplers no longer take it; a resumed run keeps its value).
+    Nothing is imported or called."""
+    upgrade_targets(config)
+    sampler = config.get("sampler") if isinstance(config, dict) else None
+    if isinstance(sampler, dict) and "guidance_scale" in sampler:
+        scale = sampler.pop("guidance_scale")
+        config.setdefault("guidance", {"scale": scale})
+    return config
+
+
 def _walk(node, path: str):
     """(dotted key, value) of every leaf and every `_target_` in a nested dict/list config."""
     if isinstance(node, (Mapping, DictConfig)):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from omegaconf import OmegaConf
 
-from diffuse.building import build, check_targets, upgrade_targets
+from diffuse.building import build, check_targets, upgrade_stored_config, upgrade_targets
 from diffuse.errors import DiffuseError
 from diffuse.jobs.sampling import sampler_config
 
@@ -32,9 +32,10 @@ def test_a_chosen_sampler_is_used_as_composed():
 
 def test_older_runs_guidance_scale_on_the_sampler_is_dropped():
     """Runs saved before the `guidance` node stored guidance_scale with their sampler (their training grids'
-    setting); the sampler no longer takes it, and sampling's guidance is the command's guidance.scale."""
-    old = OmegaConf.create({"sampler": {**OmegaConf.to_container(SAVED.sampler), "guidance_scale": 0.0}})
-    node = sampler_config(None, old)
+    setting); loading moves it to the guidance node, which a resumed run keeps, and the sampler builds."""
+    stored = upgrade_stored_config({"sampler": {**OmegaConf.to_container(SAVED.sampler), "guidance_scale": 2.0}})
+    assert stored["guidance"] == {"scale": 2.0}
+    node = sampler_config(None, OmegaConf.create(stored))
     assert "guidance_scale" not in node and build(node, "sampler").steps == 20
 
 

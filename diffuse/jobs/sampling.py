@@ -24,11 +24,6 @@ from diffuse.validation import check_guidance
 
 log = logging.getLogger(__name__)
 
-# Sampler settings older runs stored with their sampler that samplers no longer take (guidance moved to
-# its own `guidance` node): dropped from a stored sampler config before it is built.
-RETIRED_SAMPLER_KEYS = ("guidance_scale",)
-
-
 def sampler_config(chosen: DictConfig | None, saved: DictConfig) -> DictConfig:
     """The sampler to draw with. `chosen` is the composed config's `sampler` node: one with a `_target_`
     (sampler=X on the command line) is used as it is; None (the default) means the run's own sampler, and a
@@ -37,8 +32,7 @@ def sampler_config(chosen: DictConfig | None, saved: DictConfig) -> DictConfig:
         return chosen
     if not saved.get("sampler"):
         raise DiffuseError("the run's config names no sampler: choose one, e.g. sampler=ddpm")
-    own = {k: v for k, v in OmegaConf.to_container(saved.sampler).items() if k not in RETIRED_SAMPLER_KEYS}
-    return OmegaConf.merge(own, chosen or {})
+    return OmegaConf.merge(OmegaConf.to_container(saved.sampler), chosen or {})
 
 
 def prepare_for_sampling(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:

@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from diffuse import media
 from diffuse.building import build
-from diffuse.data.latent import LATENT_DATASET, LatentDataset
+from diffuse.data.latent import LATENT_DATASET, LatentDataset, is_latent_run
 from diffuse.data.loader import BatchStream
 from diffuse.diffusion.generation import SamplingPlan
 from diffuse.diffusion.guidance import null_class_of
@@ -78,7 +78,7 @@ def heldout_dataset(cfg: DictConfig, n: int, pixels: bool = False):
 
 def sampling_plan(cfg: DictConfig, schedule, sample_shape, device, steps: int | None = None) -> SamplingPlan:
     """The run's own sampler (latent runs: unclipped), `steps` of it when given, guided by `guidance.scale`."""
-    node = latent_sampler_config(cfg.sampler, cfg.dataset.get("_target_") == LATENT_DATASET)
+    node = latent_sampler_config(cfg.sampler, is_latent_run(cfg))
     if steps is not None:
         node = OmegaConf.merge(node, {"steps": int(steps)})
     return SamplingPlan(schedule, build(node, "sampler"), sample_shape, cfg.objective.prediction,

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from diffuse.building import check_targets, upgrade_targets
+from diffuse.building import check_targets, upgrade_stored_config
 from diffuse.errors import DiffuseError
 
 FORMAT = "diffuse-checkpoint"
@@ -85,7 +85,7 @@ def load_checkpoint(path: str | Path, map_location="cpu", kind: str | None = Non
     found = checkpoint_kind(state)
     if kind is not None and found != kind:
         raise DiffuseError(f"{path} is {KINDS.get(found, found)} checkpoint, but this needs {KINDS[kind]} one")
-    check_targets(upgrade_targets(state.get("config") or {}), str(path), allow_targets)
+    check_targets(upgrade_stored_config(state.get("config") or {}), str(path), allow_targets)
     for weights in (state.get("model"), (state.get("ema") or {}).get("model")):
         if isinstance(weights, dict):  # compiled runs saved before loop.unwrap() carry `_orig_mod.` keys
             for key in [k for k in weights if "_orig_mod." in k]:

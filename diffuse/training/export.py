@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from diffuse.building import check_targets, upgrade_targets
+from diffuse.building import check_targets, upgrade_stored_config
 from diffuse.errors import DiffuseError
 
 FORMAT = "diffuse-export"
@@ -124,7 +124,7 @@ def read_metadata(folder: str | Path, allow_targets=()) -> dict:
         raise DiffuseError(f"{path} has export version {meta.get('version')!r}; this diffuse reads ≤ {VERSION}")
     if meta.get("kind", "diffusion") != "diffusion":
         raise DiffuseError(f"{path} exports a {meta.get('kind')!r} model, but this needs a diffusion model")
-    check_targets(upgrade_targets(meta), str(path), allow_targets)
+    check_targets(upgrade_stored_config(meta), str(path), allow_targets)
     missing = [k for k in ("model", "schedule", "dim", "dataset") if not meta.get(k)]
     if missing:
         raise DiffuseError(f"{path} lacks {', '.join(missing)}: not a complete diffuse export")
