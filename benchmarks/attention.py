@@ -10,7 +10,8 @@ Attention cases: batch 4, 4 heads of width 16 (64 channels), kernel 7 on every a
   natten  natten.na{1,2,3}d, where it runs: on CPU it is forward only (eager flex_attention, which
           materialises all N² scores), so it is timed forward-only against our forward, up to N = 4096
           (N = 2304 with --quick)
-Model case: MSNATUNet(dim=3) at 32³, batch 2, one AdamW step, with neighborhood attention (its defaults)
+Model case: MSNATUNet(dim=3) at 32³, batch 2, one AdamW step, with neighborhood attention (experiment=msnat_3d's
+levels: a transformer block at every level)
 and with the same blocks doing full attention (SDPA over all positions) instead.
 
 Time: the best of up to 3 runs (fewer when a run is slow), after a warm-up at a small size.
@@ -135,7 +136,10 @@ def run_model_case(attention: str, size: int) -> dict:
         attn_module.NeighborhoodAttention.forward = full_forward
 
     torch.manual_seed(0)
-    model = MSNATUNet(dim=3, num_classes=4)
+    # a transformer block at every level, the 32³ one included (the CPU-sized 3-D default leaves that one out)
+    model = MSNATUNet(dim=3, num_classes=4, levels=[dict(mult=1, depth=1, heads=2, kernel=5, dilations=[1, 2]),
+                                                    dict(mult=2, depth=1, heads=4, kernel=5, dilations=[1, 2]),
+                                                    dict(mult=2, depth=1, heads=4, kernel=5, dilations=[1])])
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def step(s):

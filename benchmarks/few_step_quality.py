@@ -37,8 +37,13 @@ ROWS = {
     "dpm_solver10": ["sampler=dpm_solver", "sampler.steps=10"],
     "dpm_solver20": ["sampler=dpm_solver", "sampler.steps=20"],
     "dpm_solver20_karras": ["sampler=dpm_solver", "sampler.steps=20", "sampler.spacing=karras"],
+    "dpm_solver20_trailing": ["sampler=dpm_solver", "sampler.steps=20", "sampler.spacing=trailing"],
     "dpm_solver20_clip": ["sampler=dpm_solver", "sampler.steps=20", "sampler.clip_x0=true"],
     "dpm_solver20_dynthresh": ["sampler=dpm_solver", "sampler.steps=20", "sampler.dynamic_threshold=0.995"],
+    "dpm_solver20_raw": ["sampler=dpm_solver", "sampler.steps=20", "use_ema=false"],  # the raw weights, not EMA
+    # guided (w = 1.5): each step is one batched pass over 2× the samples, so 10 guided steps cost 20 passes
+    "dpm_solver10_w1.5": ["sampler=dpm_solver", "sampler.steps=10", "guidance.scale=1.5"],
+    "dpm_solver20_w1.5": ["sampler=dpm_solver", "sampler.steps=20", "guidance.scale=1.5"],
     "ddim20": ["sampler=ddim", "sampler.steps=20"],
     "heun10": ["sampler=heun", "sampler.steps=10"],
     "ddpm_clip50": ["sampler=ddpm_clip", "sampler.steps=50"],

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from diffuse.app import CONF_DIR
@@ -131,6 +132,23 @@ def test_defaults_are_sized_per_dim(overrides, expected):
     """(dataset.resolution, model.base_channels, trainer.batch_size, trainer.max_steps) by dim (${by_dim:…})."""
     cfg = compose_cfg("train", overrides)
     assert (cfg.dataset.resolution, cfg.model.base_channels, cfg.trainer.batch_size, cfg.trainer.max_steps) == expected
+
+
+def test_msnat_3d_default_has_no_attention_at_the_finest_level_but_the_seed_does():
+    """The CPU-sized 3-D default skips the 16³ transformer block (README, 3-D on a CPU); experiment=msnat_3d and
+    the 1-D/2-D defaults keep one at every level; the built model follows the config."""
+    from hydra.utils import instantiate
+
+    depths = lambda cfg: [level.depth for level in cfg.model.levels[f"dim{cfg.dim}"]]  # noqa: E731
+    default_3d = compose_cfg("train", ["dim=3", "model=msnat"])
+    assert depths(default_3d) == [0, 1, 1]
+    assert depths(compose_cfg("train", ["experiment=msnat_3d"])) == [1, 1, 1]
+    assert depths(compose_cfg("train", ["model=msnat"])) == [1, 1, 1]
+    model = instantiate(default_3d.model)
+    assert len(model.encoder[0].blocks) == 0 and len(model.decoder[-1].blocks) == 0
+    assert len(model.encoder[1].blocks) == 1 and len(model.mid_blocks) == 1
+    x = torch.randn(2, 1, 16, 16, 16)
+    assert model(x, torch.rand(2), torch.tensor([0, 3])).shape == x.shape
 
 
 def test_by_dim_picks_the_value_for_the_dim():

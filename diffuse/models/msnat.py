@@ -63,7 +63,7 @@ DEFAULT_LEVELS = {
     2: [dict(mult=1, depth=1, heads=2, kernel=7, dilations=[1, 2]),
         dict(mult=2, depth=1, heads=4, kernel=7, dilations=[1, 2]),
         dict(mult=2, depth=1, heads=4, kernel=7, dilations=[1])],
-    3: [dict(mult=1, depth=1, heads=2, kernel=5, dilations=[1, 2]),
+    3: [dict(mult=1, depth=0, heads=2, kernel=5, dilations=[1, 2]),   # depth 0: see conf/model/msnat.yaml
         dict(mult=2, depth=1, heads=4, kernel=5, dilations=[1, 2]),
         dict(mult=2, depth=1, heads=4, kernel=5, dilations=[1])],
 }
