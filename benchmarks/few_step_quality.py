@@ -85,9 +85,11 @@ def run_minutes(run_dir: Path) -> float | None:
     return round(seconds / 60, 2)
 
 
-def evaluate(run_dir: Path, row: str, num_samples: int, out_dir: Path) -> dict:
+def evaluate(run_dir: Path, row: str, num_samples: int, out_dir: Path, cached_only: bool = False) -> dict | None:
     eval_dir = out_dir / f"eval_{run_dir.name}_{row}"
     metrics = eval_dir / "metrics.json"
+    if not metrics.exists() and cached_only:
+        return None
     if not metrics.exists():  # resumable: a finished cell is not recomputed
         cmd = ["diffuse", "evaluate", f"checkpoint={run_dir}", *ROWS[row], f"num_samples={num_samples}",
                "reference_split=test", "save_samples=true", f"hydra.run.dir={eval_dir}"]
@@ -174,6 +176,8 @@ def main() -> None:
     ap.add_argument("--train", action="append", default=[], metavar="NAME=OVERRIDES", help="train this first")
     ap.add_argument("--rows", default=DEFAULT_ROWS, help=f"comma-separated, of: {', '.join(ROWS)}")
     ap.add_argument("--num-samples", type=int, default=1000)
+    ap.add_argument("--cached-only", action="store_true",
+                    help="table the cells already evaluated under --work only (rows × runs not run are left out)")
     ap.add_argument("--out", default="benchmarks/results/few_step_quality", help="FILE.json and FILE.md")
     ap.add_argument("--work", default="outputs/few_step_quality", help="training runs and evaluate folders")
     args = ap.parse_args()
@@ -198,20 +202,25 @@ def main() -> None:
         minutes, val_loss = run_minutes(run_dir), last_val_loss(run_dir)
         diagnostics[name] = x0_error(run_dir)
         for row in rows:
-            m = evaluate(run_dir, row, args.num_samples, work)
+            m = evaluate(run_dir, row, args.num_samples, work, args.cached_only)
+            if m is None:
+                continue
+            guidance = float(m.get("guidance_scale") or 0.0)
             results.append({"run": name, "overrides": overrides, "run_dir": str(run_dir), "train_minutes": minutes,
-                            "step": m["step"], "val_loss": val_loss, "row": row, "nfe": m["nfe"],
+                            "step": m["step"], "val_loss": val_loss, "row": row, "nfe": m["nfe"], "guidance": guidance,
+                            "network_passes": m["nfe"] * (2 if guidance not in (0.0, 1.0) else 1),
                             "fd": m.get("fd"), "fd_real_vs_real": m.get("fd_real_vs_real"),
                             "label_agreement": m.get("label_agreement"),
                             "label_agreement_real": m.get("label_agreement_real"),
                             "off_range_fraction": m.get("off_range_fraction"), "sample_seconds": m["seconds"]})
 
-    lines = ["| run | train min | step | val_loss | sampler | NFE | FD | label agr. | off-range |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | train min | step | val_loss | sampler | NFE | guidance w | network passes | FD | label agr. | "
+             "off-range |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         val = "" if r["val_loss"] is None else f"{r['val_loss']:.4f}"
         agree = "" if r["label_agreement"] is None else f"{r['label_agreement']:.3f}"
         lines.append(f"| {r['run']} | {r['train_minutes']} | {r['step']} | {val} | {r['row']} | {r['nfe']} | "
+                     f"{r['guidance']:g} | {r['network_passes']} | "
                      f"{r['fd']:.3f} | {agree} | {r['off_range_fraction']:.3f} |")
     floor = next((r for r in results if r["fd_real_vs_real"] is not None), None)
     if floor:
