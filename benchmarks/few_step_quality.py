@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from diffuse.diffusion.guidance import is_guided
+
 # name → (sampler overrides for `diffuse evaluate`); NFE = the steps (Heun: 2·steps − 1)
 ROWS = {
     "dpm_solver10": ["sampler=dpm_solver", "sampler.steps=10"],
@@ -88,9 +90,9 @@ def run_minutes(run_dir: Path) -> float | None:
 def evaluate(run_dir: Path, row: str, num_samples: int, out_dir: Path, cached_only: bool = False) -> dict | None:
     eval_dir = out_dir / f"eval_{run_dir.name}_{row}"
     metrics = eval_dir / "metrics.json"
-    if not metrics.exists() and cached_only:
-        return None
     if not metrics.exists():  # resumable: a finished cell is not recomputed
+        if cached_only:
+            return None
         cmd = ["diffuse", "evaluate", f"checkpoint={run_dir}", *ROWS[row], f"num_samples={num_samples}",
                "reference_split=test", "save_samples=true", f"hydra.run.dir={eval_dir}"]
         print("+", " ".join(cmd), flush=True)
@@ -208,7 +210,7 @@ def main() -> None:
             guidance = float(m.get("guidance_scale") or 0.0)
             results.append({"run": name, "overrides": overrides, "run_dir": str(run_dir), "train_minutes": minutes,
                             "step": m["step"], "val_loss": val_loss, "row": row, "nfe": m["nfe"], "guidance": guidance,
-                            "network_passes": m["nfe"] * (2 if guidance not in (0.0, 1.0) else 1),
+                            "network_passes": m["nfe"] * (2 if is_guided(guidance) else 1),
                             "fd": m.get("fd"), "fd_real_vs_real": m.get("fd_real_vs_real"),
                             "label_agreement": m.get("label_agreement"),
                             "label_agreement_real": m.get("label_agreement_real"),

@@ -25,6 +25,11 @@ def null_class_of(model) -> int | None:
     return getattr(model, "null_class", None)
 
 
+def is_guided(scale: float | None) -> bool:
+    """w ∉ {0, 1}: each step then evaluates the conditional and the null-class copy (one batched pass over 2×)."""
+    return float(scale or 0.0) not in (0.0, 1.0)
+
+
 class Denoiser:
     """model (called as model(x, t, y)) with its prediction type, the batch's labels y [B] (or None) and the
     guidance scale w, seen as ε̂(x, t); `nfe` counts network evaluations (a guided call counts as one)."""
@@ -44,7 +49,7 @@ class Denoiser:
 
     @property
     def guided(self) -> bool:
-        return self.guidance_scale not in (0.0, 1.0)
+        return is_guided(self.guidance_scale)
 
     def _net(self, x: Tensor, t: Tensor, y: Tensor | None) -> Tensor:
         ctx = (torch.autocast(x.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
