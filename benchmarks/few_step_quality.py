@@ -34,27 +34,31 @@ import torch
 
 from diffuse.diffusion.guidance import is_guided
 
-# name → (sampler overrides for `diffuse evaluate`); NFE = the steps (Heun: 2·steps − 1)
+# name → (sampler overrides for `diffuse evaluate`); NFE = the steps (Heun: 2·steps − 1). Every row pins its
+# guidance (evaluate's default, auto, is the run's own: guided for runs trained with the default guidance).
+OFF = "guidance.scale=0"
 ROWS = {
-    "dpm_solver10": ["sampler=dpm_solver", "sampler.steps=10"],
-    "dpm_solver20": ["sampler=dpm_solver", "sampler.steps=20"],
-    "dpm_solver20_karras": ["sampler=dpm_solver", "sampler.steps=20", "sampler.spacing=karras"],
-    "dpm_solver20_trailing": ["sampler=dpm_solver", "sampler.steps=20", "sampler.spacing=trailing"],
-    "dpm_solver20_clip": ["sampler=dpm_solver", "sampler.steps=20", "sampler.clip_x0=true"],
-    "dpm_solver20_dynthresh": ["sampler=dpm_solver", "sampler.steps=20", "sampler.dynamic_threshold=0.995"],
-    "dpm_solver20_raw": ["sampler=dpm_solver", "sampler.steps=20", "use_ema=false"],  # the raw weights, not EMA
-    # guided (w = 1.5): each step is one batched pass over 2× the samples, so 10 guided steps cost 20 passes
-    "dpm_solver10_w1.5": ["sampler=dpm_solver", "sampler.steps=10", "guidance.scale=1.5"],
-    "dpm_solver20_w1.5": ["sampler=dpm_solver", "sampler.steps=20", "guidance.scale=1.5"],
-    "ddim20": ["sampler=ddim", "sampler.steps=20"],
-    "heun10": ["sampler=heun", "sampler.steps=10"],
-    "ddpm_clip50": ["sampler=ddpm_clip", "sampler.steps=50"],
-    "ddpm_clip250": ["sampler=ddpm_clip", "sampler.steps=250"],
-    "ddpm1000": ["sampler=ddpm", "sampler.steps=1000"],
-    "euler_maruyama250": ["sampler=euler_maruyama", "sampler.steps=250"],  # ends on x̂₀ (final_denoise, default)
-    "euler_maruyama250_seed": ["sampler=euler_maruyama", "sampler.steps=250", "sampler.final_denoise=false"],
+    # the default since the guidance sweep: sampler.steps=auto (20 network passes: 10 guided steps), w 1.1
+    "default": ["sampler=dpm_solver", "guidance.scale=1.1"],
+    "dpm_solver10": ["sampler=dpm_solver", "sampler.steps=10", OFF],
+    "dpm_solver20": ["sampler=dpm_solver", "sampler.steps=20", OFF],
+    "dpm_solver20_karras": ["sampler=dpm_solver", "sampler.steps=20", "sampler.spacing=karras", OFF],
+    "dpm_solver20_trailing": ["sampler=dpm_solver", "sampler.steps=20", "sampler.spacing=trailing", OFF],
+    "dpm_solver20_clip": ["sampler=dpm_solver", "sampler.steps=20", "sampler.clip_x0=true", OFF],
+    "dpm_solver20_dynthresh": ["sampler=dpm_solver", "sampler.steps=20", "sampler.dynamic_threshold=0.995", OFF],
+    "dpm_solver20_raw": ["sampler=dpm_solver", "sampler.steps=20", "use_ema=false", OFF],  # the raw weights, not EMA
+    # guided: each step is one batched pass over 2× the samples, so 10 guided steps cost 20 passes
+    **{f"dpm_solver{n}_w{w}": ["sampler=dpm_solver", f"sampler.steps={n}", f"guidance.scale={w}"]
+       for n in (10, 20) for w in ("1.1", "1.2", "1.3", "1.5")},
+    "ddim20": ["sampler=ddim", "sampler.steps=20", OFF],
+    "heun10": ["sampler=heun", "sampler.steps=10", OFF],
+    "ddpm_clip50": ["sampler=ddpm_clip", "sampler.steps=50", OFF],
+    "ddpm_clip250": ["sampler=ddpm_clip", "sampler.steps=250", OFF],
+    "ddpm1000": ["sampler=ddpm", "sampler.steps=1000", OFF],
+    "euler_maruyama250": ["sampler=euler_maruyama", "sampler.steps=250", OFF],  # ends on x̂₀ (final_denoise)
+    "euler_maruyama250_seed": ["sampler=euler_maruyama", "sampler.steps=250", "sampler.final_denoise=false", OFF],
 }
-DEFAULT_ROWS = "dpm_solver10,dpm_solver20,dpm_solver20_clip,ddim20,ddpm_clip50,ddpm1000"
+DEFAULT_ROWS = "default,dpm_solver10,dpm_solver20,dpm_solver20_clip,ddim20,ddpm_clip50,ddpm1000"
 
 
 def train(name: str, overrides: str, out_dir: Path) -> Path:

@@ -28,6 +28,7 @@ from diffuse.diffusion.guidance import null_class_of  # noqa: E402
 from diffuse.building import build  # noqa: E402
 from diffuse.devices import resolve_device  # noqa: E402
 from diffuse.jobs.common import load_run  # noqa: E402
+from diffuse.validation import with_steps  # noqa: E402
 
 CONF = Path(__file__).resolve().parents[1] / "diffuse" / "conf" / "sampler"
 
@@ -56,7 +57,7 @@ def main(argv=None) -> int:
     bank_x, bank_y = dataset.get_batch(idx[: 4096])
     real, _ = dataset.get_batch(idx[4096: 4096 + args.num_samples])
     feats = RandomFeatures(dataset.dim, dataset.channels)
-    real_feats = feats(real).numpy()
+    real_feats = feats(real)
     labels = class_labels(args.num_samples, model.num_classes)[: args.num_samples]
 
     print(f"{loaded.path} (step {loaded.step}); sampler {args.sampler} ({args.steps or 'default'} steps); "
@@ -68,14 +69,14 @@ def main(argv=None) -> int:
         node = OmegaConf.load(CONF / f"{args.sampler}.yaml")
         if args.steps:
             node.steps = args.steps
-        sampler = instantiate(node)
+        sampler = instantiate(with_steps(node, w))  # steps=auto: 20 network passes (10 guided steps)
         out = generate(model, loaded.schedule, sampler, shape, len(labels), labels=labels, seed=0,
                        batch_size=len(labels), prediction=cfg.objective.prediction, guidance_scale=w,
                        device=device)
         x = out.x.clamp(-1, 1)
         hit = nearest_label(x, bank_x, bank_y) == labels
         per_class = [hit[labels == k].float().mean().item() for k in range(model.num_classes)]
-        fd = frechet_distance(feats(x).numpy(), real_feats)
+        fd = frechet_distance(feats(x), real_feats)
         rows.append({"w": w, "asked_class_fraction": hit.float().mean().item(), "per_class": per_class, "fd": fd})
         print(f"{w:>6.2f}{hit.float().mean().item():>13.3f}{fd:>9.3f}   " + " ".join(f"{v:.2f}" for v in per_class),
               flush=True)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from diffuse.diffusion.guidance import is_guided
 from diffuse.errors import DiffuseError
 from diffuse.training.stopping import parse_max_time
 
@@ -99,8 +100,8 @@ def Int(lo=None, hi=None, nullable=False, auto=False):  # noqa: N802 - reads as 
     return Rule("int", lo, hi, nullable=nullable, auto=auto)
 
 
-def Float(lo=None, hi=None, open_lo=False, open_hi=False, nullable=False):  # noqa: N802
-    return Rule("float", lo, hi, open_lo, open_hi, nullable=nullable)
+def Float(lo=None, hi=None, open_lo=False, open_hi=False, nullable=False, auto=False):  # noqa: N802
+    return Rule("float", lo, hi, open_lo, open_hi, nullable=nullable, auto=auto)
 
 
 def Choice(*choices, nullable=False):  # noqa: N802
@@ -113,7 +114,7 @@ PROBABILITY = Float(0, 1)
 
 PRECISION = Choice("fp32", "bf16", "fp16")
 COMMON = {"seed": Int(), "device": None}  # device: checked by resolve_device (cuda:N etc.)
-GUIDANCE = {"guidance.scale": Float(0)}
+GUIDANCE = {"guidance.scale": Float(0, auto=True)}
 
 TRAINER = {
     "max_steps": Int(1, nullable=True), "epochs": Int(1, nullable=True), "batch_size": Int(1),
@@ -130,7 +131,7 @@ TRAINER = {
     "eval_metric": Choice("fd", "fid"), "eval_num_samples": Int(2), "eval_sampler_steps": Int(1, nullable=True),
 }
 SAMPLER = {
-    "steps": Int(1), "spacing": Choice(*SPACINGS), "clip_x0": BOOL,
+    "steps": Int(1, auto=True), "spacing": Choice(*SPACINGS), "clip_x0": BOOL,
     "clip_range": Rule("pair"), "dynamic_threshold": Float(0, 1, open_lo=True, nullable=True), "eta": PROBABILITY, "variance": Choice("beta", "posterior"),
     "t_end": Float(0, 1, open_lo=True, open_hi=True, nullable=True), "snr": POSITIVE,
     "corrector_steps": Int(0), "s_churn": Float(0), "s_tmin": Float(0), "s_tmax": Float(0), "s_noise": POSITIVE,
@@ -236,8 +237,38 @@ def _check_combinations(cfg: DictConfig, job: str) -> None:
         raise DiffuseError(f"init_from={cfg.init_from} starts a new run from another run's weights, resume={cfg.resume} "
                            "continues a run with all it had: give one of them")
     if job == "train" and cfg.get("guidance") is not None and trainer is not None:
-        check_guidance(float(cfg.guidance.get("scale") or 0), bool(cfg.get("conditional")),
+        guidance_scale(cfg.guidance.get("scale"), bool(cfg.get("conditional")),
                        float(trainer.get("cond_drop_prob") or 0), "this run")
+
+
+# guidance.scale=auto on a run that learned a null class. The few-step table (README, Benchmarks) on MNIST after
+# 19 minutes, DPM-Solver++ at 10 guided steps (20 network passes): w 1.0 → FD 0.228, label agreement 0.894;
+# 1.1 → 0.233, 0.917; 1.2 → 0.252, 0.926; 1.5 → 0.345, 0.968. 1.1 buys the asked class for little diversity.
+AUTO_GUIDANCE_SCALE = 1.1
+
+
+def guidance_scale(value, conditional: bool, cond_drop_prob: float, run: str) -> float:
+    """guidance.scale as the number to sample with. auto: AUTO_GUIDANCE_SCALE for a class-conditional run
+    trained with label dropout (it has a null class to guide with), else 0 (none); a number is checked
+    against how the run was trained (check_guidance)."""
+    if value == "auto":
+        return AUTO_GUIDANCE_SCALE if conditional and cond_drop_prob > 0 else 0.0
+    scale = float(value or 0.0)
+    check_guidance(scale, conditional, cond_drop_prob, run)
+    return scale
+
+
+# sampler.steps=auto (dpm_solver's default): 20 network passes per sample, i.e. 20 steps, or 10 guided steps
+# (each one pass over the conditional and the null-class copies, as costly as two plain steps).
+AUTO_NETWORK_PASSES = 20
+
+
+def with_steps(node, guidance: float):
+    """The sampler node with steps=auto made a number (AUTO_NETWORK_PASSES per sample at this guidance scale);
+    any other node as it is."""
+    if node is None or node.get("steps") != "auto":
+        return node
+    return OmegaConf.merge(node, {"steps": AUTO_NETWORK_PASSES // (2 if is_guided(guidance) else 1)})
 
 
 def check_guidance(scale: float, conditional: bool, cond_drop_prob: float, run: str) -> None:

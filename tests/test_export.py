@@ -53,7 +53,8 @@ def test_export_loads_with_safetensors_and_the_model_class_alone(exported):
     assert cfg["data_shape"] == [1, 8, 8] and cfg["dim"] == 2 and cfg["conditional"] is True
     assert cfg["class_names"] == ["ball", "box", "diamond", "cross"] and cfg["cond_drop_prob"] == 0.1
     assert cfg["schedule"]["_target_"] == "diffuse.diffusion.schedules.LinearSchedule"
-    assert cfg["sampler"]["_target_"].endswith(".DPMSolverPP") and cfg["sampler"]["steps"] == 20  # the run's (default)
+    assert cfg["sampler"]["_target_"].endswith(".DPMSolverPP") and cfg["sampler"]["steps"] == 10  # the run's (default)
+    assert cfg["guidance"] == {"scale": 1.1}  # auto, resolved: the run learned a null class (steps=auto: 10 guided)
     assert cfg["objective"]["prediction"] == "v" and cfg["vae"] is None  # the run's (the default objective)
     out = model(torch.zeros(2, *cfg["data_shape"]), torch.full((2,), 0.5), torch.tensor([0, 3]))
     assert out.shape == (2, 1, 8, 8)

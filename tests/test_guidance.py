@@ -15,6 +15,7 @@ from diffuse.diffusion.guidance import Denoiser
 from diffuse.diffusion.objectives import prediction_to_eps
 from diffuse.diffusion.samplers import NoiseSource, sample
 from diffuse.diffusion.schedules import CosineSchedule, LinearSchedule, VESDESchedule
+from diffuse.validation import with_steps
 
 CONF = Path(__file__).resolve().parents[1] / "diffuse" / "conf" / "sampler"
 SAMPLERS = ["ddpm", "ddpm_clip", "ddim", "euler_maruyama", "pc", "heun", "dpm_solver"]
@@ -117,10 +118,10 @@ def _own_mode_fraction(x, y):
     return (x * sign > 0).float().mean().item()
 
 
-def load_sampler(name, **overrides):
+def load_sampler(name, guidance=0.0, **overrides):
     cfg = OmegaConf.load(CONF / f"{name}.yaml")
     cfg.update(overrides)
-    return instantiate(cfg)
+    return instantiate(with_steps(cfg, guidance))  # steps=auto made a number, as the jobs do
 
 
 SCHEDULES = {"linear": LinearSchedule(), "cosine": CosineSchedule(), "vesde": VESDESchedule()}
@@ -136,7 +137,7 @@ def test_guidance_raises_the_fraction_in_the_asked_mode(sched_name, name):
     fewer = {"steps": 200} if name in ("ddpm", "ddpm_clip", "pc", "euler_maruyama") else {}  # keep the test fast
     fractions = {}
     for w in (0.0, 3.0):
-        sampler = load_sampler(name, **fewer)
+        sampler = load_sampler(name, w, **fewer)
         den = Denoiser(model, sched, y=y, guidance_scale=w)
         out, _ = sample(den, sampler, NoiseSource(range(8)), (1, 256))
         fractions[w] = _own_mode_fraction(out, y)

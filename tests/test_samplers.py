@@ -22,6 +22,7 @@ from omegaconf import OmegaConf
 from diffuse.diffusion.samplers import (DDIM, DDPM, DPMSolverPP, EulerMaruyama, Heun, NoiseSource,
                                         PredictorCorrector, sample)
 from diffuse.diffusion.schedules import CosineSchedule, LinearSchedule, VESDESchedule
+from diffuse.validation import with_steps
 
 CONF = Path(__file__).resolve().parents[1] / "diffuse" / "conf" / "sampler"
 SCHEDULES = {"linear": LinearSchedule(), "cosine": CosineSchedule(), "vesde": VESDESchedule()}
@@ -39,12 +40,13 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def load_sampler(name: str, **overrides):
-    """The sampler exactly as `sampler=NAME` builds it from conf/sampler/NAME.yaml."""
+def load_sampler(name: str, guidance: float = 0.0, **overrides):
+    """The sampler exactly as `sampler=NAME` builds it from conf/sampler/NAME.yaml (steps=auto as the jobs make
+    it a number, at this guidance scale)."""
     cfg = OmegaConf.load(CONF / f"{name}.yaml")
     for key, value in overrides.items():
         cfg[key] = value
-    return instantiate(cfg)
+    return instantiate(with_steps(cfg, guidance))
 
 
 def _coefs(schedule, t):

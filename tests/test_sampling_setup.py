@@ -1,5 +1,6 @@
 """What `diffuse sample` and `diffuse evaluate` draw with (diffuse/jobs/sampling.py): the run's own sampler by
-default, values over it, another sampler when one is chosen; stored configs of older runs still build."""
+default, values over it, another sampler when one is chosen; stored configs of older runs still build; the
+default guidance (auto: guided where the run learned a null class) and steps (auto: 20 network passes)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from omegaconf import OmegaConf
 from diffuse.building import build, check_targets, upgrade_stored_config, upgrade_targets
 from diffuse.errors import DiffuseError
 from diffuse.jobs.sampling import sampler_config
+from diffuse.validation import AUTO_GUIDANCE_SCALE, guidance_scale, with_steps
 
 SAVED = OmegaConf.create({"sampler": {"_target_": "diffuse.diffusion.samplers.DPMSolverPP", "steps": 20,
                                       "spacing": "logsnr", "clip_x0": False}})
@@ -54,3 +56,62 @@ def test_moved_classes_in_stored_configs_still_load():
         check_targets(upgraded, "old.ckpt")
     upgraded["dataset"]["data"] = {"_target_": "diffuse.data.shapes.ShapesDataset"}
     check_targets(upgraded, "old.ckpt")
+
+
+# ── the default guidance and step count (guidance.scale=auto, sampler.steps=auto) ───────────────────────────
+
+def test_auto_guidance_guides_only_runs_that_learned_a_null_class():
+    assert guidance_scale("auto", True, 0.1, "r") == AUTO_GUIDANCE_SCALE == 1.1
+    assert guidance_scale("auto", True, 0.0, "r") == 0.0   # no label dropout: nothing to guide with
+    assert guidance_scale("auto", False, 0.1, "r") == 0.0  # unconditional
+    assert guidance_scale(2.0, True, 0.1, "r") == 2.0 and guidance_scale(None, False, 0.0, "r") == 0.0
+    with pytest.raises(DiffuseError, match="cond_drop_prob > 0"):  # a number is still checked
+        guidance_scale(2.0, True, 0.0, "r")
+
+
+def test_auto_steps_are_twenty_network_passes():
+    """A guided step is one pass over the conditional and the null-class copies, as costly as two plain ones:
+    steps=auto keeps the default at 20 passes per sample either way; a number is that many steps."""
+    auto = OmegaConf.merge(SAVED.sampler, {"steps": "auto"})
+    assert with_steps(auto, 0.0).steps == 20 and with_steps(auto, 1.0).steps == 20  # w 1: plain conditional
+    assert with_steps(auto, 1.1).steps == 10
+    assert with_steps(SAVED.sampler, 1.1).steps == 20 and auto.steps == "auto"  # numbers kept; input not edited
+    assert build(with_steps(auto, 1.1), "sampler").steps == 10
+
+
+def test_the_default_dpm_solver_config_is_auto_in_every_job():
+    from conftest import compose_cfg
+    for job in ("train", "sample", "evaluate"):
+        cfg = compose_cfg(job, ["sampler=dpm_solver"])
+        assert cfg.guidance.scale == "auto" and cfg.sampler.steps == "auto"
+
+
+def test_sample_and_train_default_to_ten_guided_steps_where_a_null_class_was_learned(tmp_path):
+    """End to end: a conditional run with the default label dropout draws its grids and `diffuse sample`s with
+    w = 1.1 at 10 steps (20 passes); guidance.scale=0 gives 20 plain steps; a run trained without label
+    dropout has no null class, so auto is no guidance, at 20 steps; evaluate records the scale it used."""
+    import json
+    import re
+
+    from conftest import TINY
+    from inproc_cli import run_inproc
+
+    def ok(res):
+        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+        return res.stdout + res.stderr
+
+    train = ["train", *TINY, "conditional=true", "trainer.max_steps=2", "trainer.val_items=0",
+             "trainer.sample_every=2", "trainer.final_animation=false", "trainer.num_sample_images=4"]
+    sample = ["sample", "num_samples=4", "device=cpu"]
+    dropout, no_dropout = tmp_path / "dropout", tmp_path / "no_dropout"
+    for cwd, extra in ((dropout, []), (no_dropout, ["trainer.cond_drop_prob=0"])):
+        cwd.mkdir()
+        ok(run_inproc([*train, *extra], cwd))
+    (log,) = dropout.glob("outputs/*/*/train.log")
+    assert re.search(r"samples: 4 × 10 steps", log.read_text())  # the final grid: guided, 10 steps
+    assert "4 samples × 10 steps" in ok(run_inproc(sample, dropout))
+    assert "4 samples × 20 steps" in ok(run_inproc([*sample, "guidance.scale=0"], dropout))
+    assert "4 samples × 20 steps" in ok(run_inproc(sample, no_dropout))
+    ok(run_inproc(["evaluate", "num_samples=8", "device=cpu", "hydra.run.dir=eval"], dropout))
+    metrics = json.loads((dropout / "eval" / "metrics.json").read_text())
+    assert metrics["guidance_scale"] == 1.1 and metrics["steps"] == 10 and metrics["sampler_config"]["steps"] == 10

@@ -11,15 +11,28 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from diffuse.data.latent import CHECKPOINT_KEY, is_latent_run, read_vae_checkpoint
 from diffuse.errors import DiffuseError
 from diffuse.jobs.common import find_checkpoint, report
 from diffuse.training.checkpoint import load_checkpoint
 from diffuse.training.export import write_export
+from diffuse.validation import guidance_scale, with_steps
 
 log = logging.getLogger(__name__)
+
+
+def resolved_sampling(config: dict, source: str) -> dict:
+    """The run's config with its sampling settings as numbers, for readers outside diffuse: guidance.scale=auto
+    resolved for this run (1.1 where it learned a null class, else 0) and sampler.steps=auto at that scale."""
+    conditional = bool(config.get("conditional"))
+    cond_drop_prob = float((config.get("trainer") or {}).get("cond_drop_prob") or 0.0)
+    scale = guidance_scale((config.get("guidance") or {}).get("scale", "auto"), conditional, cond_drop_prob, source)
+    sampler = config.get("sampler")
+    if sampler:
+        sampler = OmegaConf.to_container(with_steps(OmegaConf.create(sampler), scale))
+    return {**config, "guidance": {"scale": scale}, "sampler": sampler}
 
 
 def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> dict:
@@ -30,6 +43,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> d
     if is_latent_run(state["config"]) and CHECKPOINT_KEY not in state:  # older latent runs: the VAE by path
         state[CHECKPOINT_KEY] = read_vae_checkpoint(state["config"]["latent"]["vae"])
     out = Path(str(cfg.out)).expanduser() if cfg.get("out") else Path(run_dir)
+    state = {**state, "config": resolved_sampling(state["config"], str(path))}
     paths = write_export(out, state, use_ema=bool(cfg.use_ema), source=str(path.resolve()))
     log.info("exported %s (step %d) → %s", path, int(state["step"]), out)
     report(*(f"{name}: {p}" for name, p in paths.items()), f"export: {out}")

@@ -20,7 +20,7 @@ from diffuse.errors import DiffuseError
 from diffuse.jobs.common import LoadedRun, load_run
 from diffuse.jobs.latent_space import latent_sampler_config
 from diffuse.training.loop import PRECISIONS, use_channels_last
-from diffuse.validation import check_guidance
+from diffuse.validation import guidance_scale, with_steps
 
 log = logging.getLogger(__name__)
 
@@ -61,14 +61,18 @@ class SamplingSession:
 
 def open_run(cfg: DictConfig) -> SamplingSession:
     """The run `cfg.checkpoint` names (EMA weights unless use_ema=false), its sampler (see sampler_config;
-    latent runs unclipped), and guidance `guidance.scale`, refused for a run that never learned a null class."""
+    latent runs unclipped), and guidance `guidance.scale` (auto: the run's own, whose auto is guided where the
+    run learned a null class; a number refused for a run that never did); steps=auto sized by the guidance."""
     device = resolve_device(cfg.device)
     loaded = load_run(cfg.checkpoint, device, use_ema=cfg.use_ema, allow_targets=cfg.get("allow_targets") or ())
     saved = loaded.config
-    chosen = latent_sampler_config(sampler_config(cfg.get("sampler"), saved), is_latent_run(saved))
-    guidance = float(cfg.guidance.scale)
-    check_guidance(guidance, bool(saved.get("conditional")),
-                   float(saved.get("trainer", {}).get("cond_drop_prob") or 0), f"the run {loaded.path}")
+    scale = cfg.guidance.scale
+    if scale == "auto":  # the run's own, as sampler=null is its own sampler (a run trained with auto: auto again)
+        scale = (saved.get("guidance") or {}).get("scale", "auto")
+    guidance = guidance_scale(scale, bool(saved.get("conditional")),
+                              float(saved.get("trainer", {}).get("cond_drop_prob") or 0), f"the run {loaded.path}")
+    chosen = with_steps(latent_sampler_config(sampler_config(cfg.get("sampler"), saved), is_latent_run(saved)),
+                        guidance)
     plan = SamplingPlan(loaded.schedule, build(chosen, "sampler"), config_item_shape(saved),
                         saved.objective.prediction, guidance, int(cfg.batch_size), device, int(cfg.seed),
                         PRECISIONS.get(cfg.get("precision", "fp32")))

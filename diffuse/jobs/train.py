@@ -25,7 +25,7 @@ from diffuse.training.init_weights import start_from_weights
 from diffuse.training.loop import Trainer
 from diffuse.training.sample_grids import SampleGrids
 from diffuse.training.sample_quality import SampleQuality
-from diffuse.validation import check_model_fits_data
+from diffuse.validation import check_model_fits_data, guidance_scale, with_steps
 
 log = logging.getLogger(__name__)
 
@@ -76,20 +76,30 @@ def heldout_dataset(cfg: DictConfig, n: int, pixels: bool = False):
     return build(node, "held-out dataset")
 
 
+def run_guidance(cfg: DictConfig) -> float:
+    """The guidance scale of this run's own samples (guidance.scale; auto: guided when it learns a null class)."""
+    return guidance_scale(cfg.guidance.scale, bool(cfg.conditional), float(cfg.trainer.cond_drop_prob or 0), "this run")
+
+
+def run_sampler(cfg: DictConfig) -> DictConfig:
+    """The run's own sampler node (latent runs: unclipped), steps=auto made a number."""
+    return with_steps(latent_sampler_config(cfg.sampler, is_latent_run(cfg)), run_guidance(cfg))
+
+
 def sampling_plan(cfg: DictConfig, schedule, sample_shape, device, steps: int | None = None) -> SamplingPlan:
-    """The run's own sampler (latent runs: unclipped), `steps` of it when given, guided by `guidance.scale`."""
-    node = latent_sampler_config(cfg.sampler, is_latent_run(cfg))
+    """The run's own sampler (run_sampler), `steps` of it when given, guided by `guidance.scale`."""
+    node = run_sampler(cfg)
     if steps is not None:
         node = OmegaConf.merge(node, {"steps": int(steps)})
     return SamplingPlan(schedule, build(node, "sampler"), sample_shape, cfg.objective.prediction,
-                        float(cfg.guidance.scale), int(cfg.trainer.batch_size), device, int(cfg.seed))
+                        run_guidance(cfg), int(cfg.trainer.batch_size), device, int(cfg.seed))
 
 
 def sample_grids(cfg: DictConfig, schedule, dataset, data, class_names, tracker, run_dir: Path, device) -> SampleGrids:
     """trainer.sample_every's grids, with counts that scale with the data's size (training_sample_counts)."""
     tcfg, shape = cfg.trainer, data_shape(dataset)
     num_images, steps = training_sample_counts(tcfg.get("num_sample_images", "auto"), tcfg.get("sample_steps", "auto"),
-                                               shape, int(cfg.sampler.steps))
+                                               shape, int(run_sampler(cfg).steps))
     return SampleGrids(sampling_plan(cfg, schedule, shape, device, steps), num_images, class_names,
                        run_dir / "samples", tracker, data,
                        max_columns=int(tcfg.get("grid_max_columns", media.GRID_MAX_COLUMNS) or 0) or None,
