@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     device = resolve_device(args.device)
-    loaded = load_run(str(args.checkpoint or train_small(args.train_steps)), device)
+    loaded = load_run(str(args.checkpoint or train_small(args.train_steps, [])), device)
     model, cfg = loaded.model, loaded.config
     if null_class_of(model) is None:
         print("the checkpoint's model has no null class: train it with conditional=true")

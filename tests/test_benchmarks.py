@@ -1,0 +1,40 @@
+"""The benchmark scripts still run against today's code (they import its internals; nothing else calls
+them): a smoke run of each at a tiny size, checking what they write, not their numbers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, TINY
+from inproc_cli import run_inproc
+
+pytestmark = pytest.mark.slow  # trains a tiny run, then runs the script in a subprocess
+
+
+def test_guidance_shapes_runs_on_a_checkpoint(tmp_path):
+    """benchmarks/guidance_shapes.py on a tiny conditional run: one row per w, steps=auto resolved per w."""
+    res = run_inproc(["train", *TINY, "dataset.size=4200", "trainer.max_steps=2", "trainer.val_items=0",
+                      "trainer.final_samples=false"], tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    (ckpt,) = tmp_path.glob("outputs/*/*/checkpoints/last.ckpt")
+    out = tmp_path / "guidance.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "guidance_shapes.py"), str(ckpt),
+                           "--scales", "0,1.1", "--num-samples", "8", "--device", "cpu", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["w"] for r in rows] == [0.0, 1.1] and all(0 <= r["asked_class_fraction"] <= 1 for r in rows)
+    assert all(len(r["per_class"]) == 4 and r["fd"] >= 0 for r in rows)
+
+
+def test_guidance_shapes_trains_its_own_run_without_a_checkpoint(tmp_path):
+    out = tmp_path / "guidance.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "guidance_shapes.py"), "--train-steps", "2",
+                           "--scales", "0", "--num-samples", "8", "--device", "cpu", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "training 2 steps" in proc.stdout and len(json.loads(out.read_text())["rows"]) == 1
