@@ -96,6 +96,8 @@ def test_sample_and_train_default_to_ten_guided_steps_where_a_null_class_was_lea
     from conftest import TINY
     from inproc_cli import run_inproc
 
+    from diffuse.jobs.evaluate import summary_lines
+
     def ok(res):
         assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
         return res.stdout + res.stderr
@@ -108,10 +110,12 @@ def test_sample_and_train_default_to_ten_guided_steps_where_a_null_class_was_lea
         cwd.mkdir()
         ok(run_inproc([*train, *extra], cwd))
     (log,) = dropout.glob("outputs/*/*/train.log")
-    assert re.search(r"samples: 4 × 10 steps", log.read_text())  # the final grid: guided, 10 steps
-    assert "4 samples × 10 steps" in ok(run_inproc(sample, dropout))
-    assert "4 samples × 20 steps" in ok(run_inproc([*sample, "guidance.scale=0"], dropout))
-    assert "4 samples × 20 steps" in ok(run_inproc(sample, no_dropout))
+    assert re.search(r"samples: 4 × 10 steps \(guidance w 1.1\)", log.read_text())  # the final grid
+    assert "samples: 4 × 10 steps (guidance w 1.1) in" in ok(run_inproc(sample, dropout))
+    plain = ok(run_inproc([*sample, "guidance.scale=0"], dropout))
+    assert "samples: 4 × 20 steps in" in plain and "guidance w" not in plain
+    assert "samples: 4 × 20 steps in" in ok(run_inproc(sample, no_dropout))
     ok(run_inproc(["evaluate", "num_samples=8", "device=cpu", "hydra.run.dir=eval"], dropout))
     metrics = json.loads((dropout / "eval" / "metrics.json").read_text())
     assert metrics["guidance_scale"] == 1.1 and metrics["steps"] == 10 and metrics["sampler_config"]["steps"] == 10
+    assert summary_lines(metrics, 2)[0].startswith("DPMSolverPP 10 steps (guidance w 1.1), 10 NFE, 8 samples")

@@ -67,7 +67,7 @@ def test_train_shows_a_bar_and_logs_the_sample_time(tmp_path):
                           "trainer.final_animation=false"], tmp_path))
     assert "step 2 samples: 8 samples × 3 steps" in res.stderr and "/24" in res.stderr
     run, text = _train_log(tmp_path)
-    assert re.search(r"step 2: samples: 8 × 3 steps in \d+\.\d s → .*step_2\.png", text), text
+    assert re.search(r"step 2: samples: 8 × 3 steps \(guidance w 1.1\) in \d+\.\d s → .*step_2\.png", text), text
     assert (run / "samples" / "step_2.png").is_file()
 
 

@@ -30,6 +30,11 @@ def is_guided(scale: float | None) -> bool:
     return float(scale or 0.0) not in (0.0, 1.0)
 
 
+def guidance_note(scale: float | None) -> str:
+    """' (guidance w 1.1)' for log lines when guided, else ''."""
+    return f" (guidance w {float(scale):g})" if is_guided(scale) else ""
+
+
 class Denoiser:
     """model (called as model(x, t, y)) with its prediction type, the batch's labels y [B] (or None) and the
     guidance scale w, seen as ε̂(x, t); `nfe` counts network evaluations (a guided call counts as one)."""

@@ -24,6 +24,7 @@ from diffuse import fidelity, metrics
 from diffuse.building import build
 from diffuse.data.latent import is_latent_run
 from diffuse.diffusion.generation import class_labels
+from diffuse.diffusion.guidance import guidance_note
 from diffuse.errors import DiffuseError
 from diffuse.jobs.common import report
 from diffuse.jobs.sampling import open_run
@@ -173,7 +174,8 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict:
 def summary_lines(result: dict, step: int) -> list[str]:
     """metrics.json's numbers as the lines `diffuse evaluate` prints."""
     n = result["num_samples"]
-    lines = [f"{result['sampler']} {result['steps']} steps, {result['nfe']} NFE, {n} samples, step {step}:"]
+    lines = [f"{result['sampler']} {result['steps']} steps{guidance_note(result.get('guidance_scale'))}, "
+             f"{result['nfe']} NFE, {n} samples, step {step}:"]
     if "fd" in result:
         floor = "" if result.get("fd_real_vs_real") is None else f" (real vs real: {result['fd_real_vs_real']:.3f})"
         lines.append(f"  FD {result['fd']:.3f}{floor}")

@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 
 from diffuse import media
 from diffuse.diffusion.generation import class_labels
+from diffuse.diffusion.guidance import guidance_note
 from diffuse.errors import DiffuseError
 from diffuse.jobs.common import report
 from diffuse.jobs.sampling import open_run
@@ -47,7 +48,8 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict:
     out, seconds = session.plan.with_progress(session.model, cfg.num_samples, labels,
                                               trajectory=int(anim.frames) if anim.enabled else False,
                                               desc=f"sample ({type(session.plan.sampler).__name__})")
-    log.info("samples: %d × %d steps in %.1f s", len(out.x), session.plan.steps, seconds)
+    log.info("samples: %d × %d steps%s in %.1f s", len(out.x), session.plan.steps,
+             guidance_note(session.plan.guidance_scale), seconds)
     x = session.decode(out.x.float()).clamp(-1, 1)  # the data range; an undertrained model can overshoot it
     run_dir.mkdir(parents=True, exist_ok=True)
     arrays = {"x": x.numpy().astype(np.float32)}

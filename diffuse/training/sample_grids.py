@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from diffuse import media
 from diffuse.diffusion.generation import SamplingPlan, class_labels
+from diffuse.diffusion.guidance import guidance_note
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +55,8 @@ class SampleGrids:
         self.tracker.log_image("samples", path, step)
         capped = f" ({self.max_columns} of {per_class} per class shown)" \
             if per_class and self.max_columns and per_class > self.max_columns else ""
-        log.info("step %d: samples: %d × %d steps in %.1f s → %s%s", step, self.num_images, self.plan.steps,
-                 seconds, path, capped)
+        log.info("step %d: samples: %d × %d steps%s in %.1f s → %s%s", step, self.num_images, self.plan.steps,
+                 guidance_note(self.plan.guidance_scale), seconds, path, capped)
         rows = media.write_sample_index(self.folder, step, self.data.epoch + self.data.position
                                         / self.data.batches_per_epoch)
         self.tracker.log_table("sample_grids", ["step", "epoch", "grid"],
