@@ -237,8 +237,7 @@ def _check_combinations(cfg: DictConfig, job: str) -> None:
         raise DiffuseError(f"init_from={cfg.init_from} starts a new run from another run's weights, resume={cfg.resume} "
                            "continues a run with all it had: give one of them")
     if job == "train" and cfg.get("guidance") is not None and trainer is not None:
-        guidance_scale(cfg.guidance.get("scale"), bool(cfg.get("conditional")),
-                       float(trainer.get("cond_drop_prob") or 0), "this run")
+        run_guidance_scale(cfg, "this run")
 
 
 # guidance.scale=auto on a run that learned a null class. The few-step table (README, Benchmarks) on MNIST after
@@ -256,6 +255,15 @@ def guidance_scale(value, conditional: bool, cond_drop_prob: float, run: str) ->
     scale = float(value or 0.0)
     check_guidance(scale, conditional, cond_drop_prob, run)
     return scale
+
+
+def run_guidance_scale(config, run: str, scale=None) -> float:
+    """guidance_scale for a run's config (composed or stored; DictConfig or dict): `scale`, or when None the
+    config's own guidance.scale (auto when it has none), against how that run was trained."""
+    if scale is None:
+        scale = (config.get("guidance") or {}).get("scale", "auto")
+    cond_drop_prob = float((config.get("trainer") or {}).get("cond_drop_prob") or 0.0)
+    return guidance_scale(scale, bool(config.get("conditional")), cond_drop_prob, run)
 
 
 # sampler.steps=auto (dpm_solver's default): 20 network passes per sample, i.e. 20 steps, or 10 guided steps

@@ -18,7 +18,7 @@ from diffuse.errors import DiffuseError
 from diffuse.jobs.common import find_checkpoint, report
 from diffuse.training.checkpoint import load_checkpoint
 from diffuse.training.export import write_export
-from diffuse.validation import guidance_scale, with_steps
+from diffuse.validation import run_guidance_scale, with_steps
 
 log = logging.getLogger(__name__)
 
@@ -26,9 +26,7 @@ log = logging.getLogger(__name__)
 def resolved_sampling(config: dict, source: str) -> dict:
     """The run's config with its sampling settings as numbers, for readers outside diffuse: guidance.scale=auto
     resolved for this run (1.1 where it learned a null class, else 0) and sampler.steps=auto at that scale."""
-    conditional = bool(config.get("conditional"))
-    cond_drop_prob = float((config.get("trainer") or {}).get("cond_drop_prob") or 0.0)
-    scale = guidance_scale((config.get("guidance") or {}).get("scale", "auto"), conditional, cond_drop_prob, source)
+    scale = run_guidance_scale(config, source)
     sampler = config.get("sampler")
     if sampler:
         sampler = OmegaConf.to_container(with_steps(OmegaConf.create(sampler), scale))

@@ -20,7 +20,7 @@ from diffuse.errors import DiffuseError
 from diffuse.jobs.common import LoadedRun, load_run
 from diffuse.jobs.latent_space import latent_sampler_config
 from diffuse.training.loop import PRECISIONS, use_channels_last
-from diffuse.validation import guidance_scale, with_steps
+from diffuse.validation import run_guidance_scale, with_steps
 
 log = logging.getLogger(__name__)
 
@@ -66,11 +66,8 @@ def open_run(cfg: DictConfig) -> SamplingSession:
     device = resolve_device(cfg.device)
     loaded = load_run(cfg.checkpoint, device, use_ema=cfg.use_ema, allow_targets=cfg.get("allow_targets") or ())
     saved = loaded.config
-    scale = cfg.guidance.scale
-    if scale == "auto":  # the run's own, as sampler=null is its own sampler (a run trained with auto: auto again)
-        scale = (saved.get("guidance") or {}).get("scale", "auto")
-    guidance = guidance_scale(scale, bool(saved.get("conditional")),
-                              float(saved.get("trainer", {}).get("cond_drop_prob") or 0), f"the run {loaded.path}")
+    scale = cfg.guidance.scale  # auto: the run's own, as sampler=null is its own sampler (its auto: auto again)
+    guidance = run_guidance_scale(saved, f"the run {loaded.path}", None if scale == "auto" else scale)
     chosen = with_steps(latent_sampler_config(sampler_config(cfg.get("sampler"), saved), is_latent_run(saved)),
                         guidance)
     plan = SamplingPlan(loaded.schedule, build(chosen, "sampler"), config_item_shape(saved),

@@ -25,7 +25,7 @@ from diffuse.training.init_weights import start_from_weights
 from diffuse.training.loop import Trainer
 from diffuse.training.sample_grids import SampleGrids
 from diffuse.training.sample_quality import SampleQuality
-from diffuse.validation import check_model_fits_data, guidance_scale, with_steps
+from diffuse.validation import check_model_fits_data, run_guidance_scale, with_steps
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def heldout_dataset(cfg: DictConfig, n: int, pixels: bool = False):
 
 def run_guidance(cfg: DictConfig) -> float:
     """The guidance scale of this run's own samples (guidance.scale; auto: guided when it learns a null class)."""
-    return guidance_scale(cfg.guidance.scale, bool(cfg.conditional), float(cfg.trainer.cond_drop_prob or 0), "this run")
+    return run_guidance_scale(cfg, "this run")
 
 
 def run_sampler(cfg: DictConfig) -> DictConfig:

@@ -5,7 +5,8 @@ checkpoint format (how the field shares weights: diffusers, timm, the Hugging Fa
     FOLDER/config.json         {"format": "diffuse-export", "version": 1, "kind": "diffusion", "weights": "ema"|"raw",
                                 "step", "model" (the model's config node: _target_ + its arguments), "schedule",
                                 "sampler" (the one the run used; `diffuse export` resolves steps=auto), "guidance"
-                                ({"scale": w}, the run's own; auto resolved), "objective", "dim", "conditional", "dataset",
+                                ({"scale": w}, the run's own; auto resolved), "objective", "dim", "conditional",
+                                "dataset",
                                 "data_shape" [C, *spatial], "class_names", "cond_drop_prob", "latent", "files",
                                 "vae" (latent runs: the VAE's config node, step, source) | null}
     FOLDER/vae.safetensors     latent runs only: the VAE that decodes the samples
@@ -61,7 +62,8 @@ def export_metadata(state: dict, weights: str, source: str) -> dict:
     return {
         "format": FORMAT, "version": VERSION, "kind": "diffusion", "weights": weights,
         "step": int(state.get("step", 0)), "exported_from": source,
-        "model": config["model"], "schedule": config["schedule"], "sampler": config.get("sampler"), "guidance": config.get("guidance"),
+        "model": config["model"], "schedule": config["schedule"], "sampler": config.get("sampler"),
+        "guidance": config.get("guidance"),
         "objective": config.get("objective") or {"prediction": "eps"}, "dim": int(config["dim"]),
         "conditional": bool(config.get("conditional")), "dataset": dataset,
         "data_shape": [int(dataset["channels"]), *[int(dataset["resolution"])] * int(config["dim"])],
