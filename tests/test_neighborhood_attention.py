@@ -159,9 +159,23 @@ def test_torch_backend_generic_sdpa_path(spatial, kernel, dilation, tile, monkey
 @pytest.mark.parametrize("spatial,kernel,dilation", [((40,), (5,), (3,)), ((12, 11), (3, 5), (2, 1)),
                                                      ((7, 6, 8), (3, 3, 3), (2, 1, 2))])
 def test_torch_backend_in_many_chunks(spatial, kernel, dilation, monkeypatch):
-    """Force a chunk to hold a single tile, so every group runs in several chunks."""
-    monkeypatch.setattr(attention, "CHUNK_MIN_KEYS", 1)
+    """Force a chunk to hold a single column, so every column group runs in several chunks."""
+    monkeypatch.setattr(attention, "_chunk_keys", lambda n_positions: 1)
     _check_forward_backward(*qkv(spatial), kernel, dilation, backend="torch", tile=2)
+
+
+def test_key_halos_are_views_of_column_buffers_sliding_along_the_first_axis():
+    """32³, kernel 7, 4×4×4 tiles: each column (a 4×4 tile on the last two axes) gathers its 10×10 key halo
+    once per plane, 6.25 keys per position in all, where a gather per tile would copy 10³/4³ = 15.6; along
+    the first axis the halos are three strided runs: the first tile's, the six interior ones 4 planes apart,
+    the last one's."""
+    plan = attention._tiled_plan((32, 32, 32), (7, 7, 7), (1, 1, 1), (4, 4, 4), torch.device("cpu"))
+    assert (plan.tq, plan.tk, plan.q_rows, plan.k_rows) == (4, 10, 16, 100)
+    assert sum(g.k_index.numel() for g in plan.groups) == 8 * 8 * 32 * 100 == 6.25 * 32 ** 3
+    assert [(r.q_plane, r.k_plane, r.k_step, r.n) for r in plan.runs] == [(0, 0, 0, 1), (4, 1, 4, 6), (28, 22, 0, 1)]
+    # every position is exactly one valid query slot
+    owners = torch.cat([g.q_owner.flatten() for g in plan.groups])
+    assert torch.equal(owners[owners < 32 ** 3].sort().values, torch.arange(32 ** 3))
 
 
 def test_default_tiles_and_auto_backend_match_brute_force():

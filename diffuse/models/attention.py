@@ -79,6 +79,10 @@ DEFAULT_TILE = {1: 32, 2: 8, 3: 4}
 CHUNK_MIN_KEYS = 8192
 
 
+def _chunk_keys(n_positions: int) -> int:
+    return max(n_positions, CHUNK_MIN_KEYS)
+
+
 def _per_axis(value: int | Sequence[int], n: int, name: str) -> tuple[int, ...]:
     values = (value,) * n if isinstance(value, int) else tuple(int(v) for v in value)
     if len(values) != n or any(v < 1 for v in values):
@@ -179,15 +183,19 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
     return backend
 
 
-# ── torch backend: query tiles, each with the halo of keys its queries' windows cover, one SDPA per tile ──
+# ── torch backend: query tiles whose key halos slide along the first axis, fused SDPA on strided views ──────
 #
-# Queries are cut into tiles of T points per axis (within each dilation group, so a tile's keys are again
-# contiguous on the group's sub-grid); a tile's halo is the T + k − 1 sub-grid points that hold all its
-# queries' windows. F.scaled_dot_product_attention then runs on all tiles as a batch, with a boolean mask
-# that keeps each query's own k^d window inside the halo. Work per query is (T + k − 1)^d instead of N,
-# memory per query (T + k − 1)^d / T^d key copies instead of N scores, and the fused SDPA kernel does the
-# rest. Interior tiles all share one mask pattern, border tiles a few more, so tiles are grouped by pattern
-# (per axis, then their products in N-d) and each group runs with one broadcast [Tq, Tk] mask.
+# The axes after the first (none in 1-D) are cut into tiles of T_a queries, each with the halo of T_a + k − 1
+# keys its queries' windows cover (within each dilation group, so a halo is contiguous on the group's
+# sub-grid). One such tile on those axes, across the whole first axis, is a column: its keys are gathered
+# once into a buffer, plane by plane along the first axis (R = Π_a (T_a + k − 1) rows per plane). The first
+# axis is cut into tiles of T_0 planes whose halos of T_0 + k − 1 planes start T_0 planes apart inside the
+# axis and stay put at its borders (where windows stop sliding); each run of tiles with a constant step is
+# therefore one strided view of the buffer, overlapping halos included, and the fused SDPA flash kernel takes
+# such views as they are. A boolean mask keeps each query's own window inside its tile's halo; tiles that
+# share a mask pattern on every axis (interior tiles all share one) run as one batch. For 4×4×4 tiles and
+# k = 7, keys are copied R / (T_1·T_2) = 100/16 ≈ 6 times instead of once per tile halo (1000/64 ≈ 16 times),
+# and in 1-D not at all beyond one reordering pass.
 
 @dataclass
 class _AxisTiles:
@@ -196,6 +204,7 @@ class _AxisTiles:
     q_pos: Tensor     # [n, Tq] axis position of each query slot (past the group's end: its last point again)
     q_valid: Tensor   # [n, Tq] False for those repeated slots
     k_pos: Tensor     # [n, Tk] axis position of each halo key (clamped into the group)
+    k_start: Tensor   # [n] first halo key on its group's sub-grid
     pattern: Tensor   # [n_classes, Tq, Tk] bool: key j in the window of query i
     cls: Tensor       # [n] which pattern each tile uses
 
@@ -218,36 +227,46 @@ def _axis_tiles(size: int, kernel: int, dilation: int, tile: int) -> _AxisTiles:
     key = torch.minimum(key, group_len - 1)
     pattern, cls = torch.unique(inside.flatten(0, 1).flatten(1).to(torch.uint8), dim=0, return_inverse=True)
     return _AxisTiles(q_pos=(g + d * m).flatten(0, 1), q_valid=valid.expand(d, n_t, tq).flatten(0, 1),
-                      k_pos=(g + d * key).flatten(0, 1), pattern=pattern.view(-1, tq, tk).bool(), cls=cls)
+                      k_pos=(g + d * key).flatten(0, 1), k_start=halo.flatten(),
+                      pattern=pattern.view(-1, tq, tk).bool(), cls=cls)
 
 
 @dataclass
-class _TileGroup:
-    """Tiles that share one mask: SDPA on [B·H, n, Tq, D] queries and [B·H, n, Tk, D] keys."""
+class _Run:
+    """First-axis tiles whose halos start a constant number of key planes apart: one strided view."""
 
-    q_index: Tensor   # [n·Tq] flat spatial index of each query slot
-    k_index: Tensor   # [n·Tk]
-    q_owner: Tensor   # [n·Tq] q_index, but N (a zero row) for repeated slots: where output gradients come from
-    mask: Tensor      # [Tq, Tk] bool
-    n: int
+    q_plane: int   # first query plane in the column's query buffer (tiles are Tq planes apart there)
+    k_plane: int   # first key plane of the first tile's halo in the column's key buffer
+    k_step: int    # key planes from one tile's halo to the next: Tq inside the axis, 0 at its borders
+    n: int         # tiles
+    cls: int       # their mask pattern along the first axis
+
+
+@dataclass
+class _ColumnGroup:
+    """Columns whose tiles share one mask pattern on every axis after the first."""
+
+    q_index: Tensor      # [n_cols, Pq·Rq] flat spatial index of each query slot, plane by plane
+    q_owner: Tensor      # q_index, but N (a spare row) for repeated slots: where outputs go, gradients come from
+    k_index: Tensor      # [n_cols, Pk·Rk] flat spatial index of each key of the column's buffer
+    masks: list[Tensor]  # per first-axis pattern: [Tq·Rq, Tk·Rk] bool, query slot × halo key
 
     def chunks(self, max_keys: int):
-        """Runs of tiles with at most max_keys halo keys in all (at least one tile)."""
-        tq, tk = self.q_index.numel() // self.n, self.k_index.numel() // self.n
-        step = max(1, max_keys // tk)
-        for start in range(0, self.n, step):
-            stop = min(self.n, start + step)
-            yield (stop - start, self.q_index[start * tq:stop * tq], self.k_index[start * tk:stop * tk],
-                   self.q_owner[start * tq:stop * tq])
+        """Column ranges whose key buffers hold at most max_keys keys in all (at least one column)."""
+        n_cols, keys = self.k_index.shape
+        step = max(1, max_keys // keys)
+        return [slice(start, min(n_cols, start + step)) for start in range(0, n_cols, step)]
 
 
 @dataclass
 class _TiledPlan:
-    groups: list[_TileGroup]
-    q_index: Tensor   # all groups' q_index, concatenated: one gather (and one scatter in backward) per tensor
-    k_index: Tensor
-    inverse: Tensor   # [N] row of each spatial position in the concatenated group outputs
-    masks: dict = field(default_factory=dict)  # dtype → additive float masks, built on first use
+    runs: list[_Run]
+    groups: list[_ColumnGroup]
+    tq: int          # query planes per first-axis tile
+    tk: int          # key planes per halo
+    q_rows: int      # Rq: query slots per plane of a column
+    k_rows: int      # Rk: keys per plane of a column's buffer
+    masks: dict = field(default_factory=dict)  # dtype → per group, per pattern: additive [1, 1, Tq, Tk] masks
 
 
 def _outer(parts: Sequence[Tensor], op) -> Tensor:
@@ -263,30 +282,73 @@ def _outer(parts: Sequence[Tensor], op) -> Tensor:
     return out.reshape(math.prod(lead), -1)
 
 
+def _runs(first: _AxisTiles, key_plane: Tensor, tq: int) -> list[_Run]:
+    """Cut the first axis' tiles, in order, into maximal runs of one pattern and a constant halo step."""
+    runs: list[_Run] = []
+    for i, (plane, cls) in enumerate(zip(key_plane.tolist(), first.cls.tolist())):
+        last = runs[-1] if runs else None
+        if last is not None and last.cls == cls:
+            step = plane - (last.k_plane + (last.n - 1) * last.k_step)
+            if step >= 0 and (last.n == 1 or step == last.k_step):
+                last.k_step, last.n = step, last.n + 1
+                continue
+        runs.append(_Run(q_plane=i * tq, k_plane=plane, k_step=0, n=1, cls=cls))
+    return runs
+
+
 @functools.lru_cache(maxsize=64)
 def _tiled_plan(spatial: tuple[int, ...], kernel: tuple[int, ...], dilation: tuple[int, ...],
                 tile: tuple[int, ...], device: torch.device) -> _TiledPlan:
-    axes = [_axis_tiles(*args) for args in zip(spatial, kernel, dilation, tile)]
-    strides = [math.prod(spatial[a + 1:]) for a in range(len(spatial))]
-    groups, rows, positions, offset = [], [], [], 0
-    for classes in itertools.product(*[range(len(ax.pattern)) for ax in axes]):
-        picks = [torch.nonzero(ax.cls == c).squeeze(1) for ax, c in zip(axes, classes)]
-        q_index = _outer([ax.q_pos[p] * s for ax, p, s in zip(axes, picks, strides)], torch.add)
-        k_index = _outer([ax.k_pos[p] * s for ax, p, s in zip(axes, picks, strides)], torch.add)
-        valid = _outer([ax.q_valid[p] for ax, p in zip(axes, picks)], torch.logical_and)
-        mask = _outer([ax.pattern[c] for ax, c in zip(axes, classes)], torch.logical_and)  # [ΠTq, ΠTk]
-        n = q_index.shape[0]
-        owner = q_index.masked_fill(~valid, math.prod(spatial))
-        groups.append(_TileGroup(q_index.flatten().to(device), k_index.flatten().to(device),
-                                 owner.flatten().to(device), mask.view(q_index.shape[1], -1).to(device), n))
-        slot = torch.arange(offset, offset + q_index.numel()).view_as(q_index)
-        rows.append(slot[valid])
-        positions.append(q_index[valid])
-        offset += q_index.numel()
-    inverse = torch.empty(math.prod(spatial), dtype=torch.long)
-    inverse[torch.cat(positions)] = torch.cat(rows)  # each position is a valid slot exactly once
-    return _TiledPlan(groups, torch.cat([g.q_index for g in groups]), torch.cat([g.k_index for g in groups]),
-                      inverse.to(device))
+    first, *rest = [_axis_tiles(*args) for args in zip(spatial, kernel, dilation, tile)]
+    n_pos, d, plane_stride = math.prod(spatial), dilation[0], math.prod(spatial[1:])
+    tq, tk = first.q_pos.shape[1], first.k_pos.shape[1]
+    # Key buffer planes: every dilation group gets `longest` planes (its last point repeated past its end),
+    # so each tile's halo lies inside its group's planes.
+    longest = -(-spatial[0] // d)
+    g = torch.arange(d)[:, None]
+    key_planes = (g + d * torch.minimum(torch.arange(longest), (spatial[0] - g + d - 1) // d - 1)).flatten()
+    tile_group = torch.arange(len(first.cls)) // (len(first.cls) // d)
+    runs = _runs(first, tile_group * longest + first.k_start, tq)
+
+    strides = [math.prod(spatial[a + 1:]) for a in range(1, len(spatial))]
+    groups = []
+    for classes in itertools.product(*[range(len(ax.pattern)) for ax in rest]):
+        if rest:  # the columns of this pattern combination: [n_cols, Rq] / [n_cols, Rk] tables
+            picks = [torch.nonzero(ax.cls == c).squeeze(1) for ax, c in zip(rest, classes)]
+            col_q = _outer([ax.q_pos[p] * s for ax, p, s in zip(rest, picks, strides)], torch.add)
+            col_k = _outer([ax.k_pos[p] * s for ax, p, s in zip(rest, picks, strides)], torch.add)
+            col_valid = _outer([ax.q_valid[p] for ax, p in zip(rest, picks)], torch.logical_and)
+            col_mask = _outer([ax.pattern[c] for ax, c in zip(rest, classes)], torch.logical_and)  # [ΠTq, ΠTk]
+            col_mask = col_mask.view(col_q.shape[1], col_k.shape[1])
+        else:  # 1-D: one column of one row per plane
+            col_q = col_k = torch.zeros(1, 1, dtype=torch.long)
+            col_valid, col_mask = torch.ones(1, 1, dtype=torch.bool), torch.ones(1, 1, dtype=torch.bool)
+        q_index = first.q_pos.flatten()[None, :, None] * plane_stride + col_q[:, None, :]  # [n_cols, Pq, Rq]
+        valid = first.q_valid.flatten()[None, :, None] & col_valid[:, None, :]
+        k_index = key_planes[None, :, None] * plane_stride + col_k[:, None, :]            # [n_cols, Pk, Rk]
+        masks = [(p[:, None, :, None] & col_mask[None, :, None, :]).reshape(tq * col_mask.shape[0], -1)
+                 for p in first.pattern]
+        groups.append(_ColumnGroup(q_index.flatten(1).to(device), q_index.masked_fill(~valid, n_pos).flatten(1)
+                                   .to(device), k_index.flatten(1).to(device), [m.to(device) for m in masks]))
+    q_rows, k_rows = (math.prod(ax.q_pos.shape[1] for ax in rest), math.prod(ax.k_pos.shape[1] for ax in rest))
+    return _TiledPlan(runs, groups, tq, tk, q_rows, k_rows)
+
+
+def _run_view(buffer: Tensor, plane: int, step: int, n: int, planes: int, rows: int) -> Tensor:
+    """[B, P·rows, D] contiguous → [B, n, planes·rows, D]: n windows of `planes` planes, `step` planes apart,
+    the first at `plane`. Windows may overlap (step < planes) or coincide (step 0): a view, no copy."""
+    b, length, width = buffer.shape
+    return buffer.as_strided((b, n, planes * rows, width), (length * width, step * rows * width, width, 1),
+                             buffer.storage_offset() + plane * rows * width)
+
+
+def _run_index(index: Tensor, plan: _TiledPlan, run: _Run, keys: bool) -> Tensor:
+    """Flat spatial index of each query slot (keys=False) or halo key of a run's tiles, column by column."""
+    if keys:
+        view = _run_view(index.unsqueeze(-1), run.k_plane, run.k_step, run.n, plan.tk, plan.k_rows)
+    else:
+        view = _run_view(index.unsqueeze(-1), run.q_plane, plan.tq, run.n, plan.tq, plan.q_rows)
+    return view.reshape(-1)
 
 
 def dense_is_cheaper(spatial: Sequence[int], kernel: Sequence[int], dilation: Sequence[int],
@@ -332,8 +394,8 @@ def _na_tiled(q: Tensor, k: Tensor, v: Tensor, plan: _TiledPlan, scale: float | 
     b, h, *spatial, dh = q.shape
     masks = plan.masks.get(q.dtype)
     if masks is None:  # additive masks: 0 inside the window, −inf outside, [1, 1, Tq, Tk] for SDPA
-        masks = [torch.zeros(g.mask.shape, dtype=q.dtype, device=q.device).masked_fill(~g.mask, -math.inf)[None, None]
-                 for g in plan.groups]
+        masks = [[torch.zeros(m.shape, dtype=q.dtype, device=q.device).masked_fill(~m, -math.inf)[None, None]
+                  for m in group.masks] for group in plan.groups]
         plan.masks[q.dtype] = masks
     q, k, v = (t.reshape(b * h, -1, t.shape[-1]) for t in (q, k, v))
     if (q.device.type == "cpu" and _FLASH_CPU is not None and _FLASH_CPU_BACKWARD is not None
@@ -344,19 +406,21 @@ def _na_tiled(q: Tensor, k: Tensor, v: Tensor, plan: _TiledPlan, scale: float | 
     return out.view(b, h, *spatial, out.shape[-1])
 
 
-def _tiled_sdpa(q: Tensor, k: Tensor, v: Tensor, plan: _TiledPlan, masks: list[Tensor], scale) -> Tensor:
-    """q, k, v: [B·H, N, D]. All tiles gathered at once, SDPA per mask group, autograd does the rest."""
-    bh = q.shape[0]
-    q_tiles, k_tiles, v_tiles = (t.contiguous().index_select(1, index)
-                                 for t, index in ((q, plan.q_index), (k, plan.k_index), (v, plan.k_index)))
-    q_sizes = [g.q_index.numel() for g in plan.groups]
-    k_sizes = [g.k_index.numel() for g in plan.groups]
-    outs = []
-    for group, mask, qt, kt, vt in zip(plan.groups, masks, q_tiles.split(q_sizes, 1), k_tiles.split(k_sizes, 1),
-                                       v_tiles.split(k_sizes, 1)):
-        qt, kt, vt = (t.view(bh, group.n, -1, t.shape[-1]) for t in (qt, kt, vt))
-        outs.append(F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale).flatten(1, 2))
-    return torch.cat(outs, 1).index_select(1, plan.inverse)
+def _tiled_sdpa(q: Tensor, k: Tensor, v: Tensor, plan: _TiledPlan, masks: list, scale) -> Tensor:
+    """q, k, v: [B·H, N, D]. Every run's tiles gathered explicitly, SDPA per run, autograd does the rest."""
+    bh, n_pos = q.shape[:2]
+    outs, owners = [], []
+    for group, group_masks in zip(plan.groups, masks):
+        for run in plan.runs:
+            qt = q.index_select(1, _run_index(group.q_index, plan, run, keys=False))
+            kt, vt = (t.index_select(1, _run_index(group.k_index, plan, run, keys=True)) for t in (k, v))
+            qt, kt, vt = (t.view(bh, -1, n_rows, t.shape[-1]) for t, n_rows in
+                          ((qt, plan.tq * plan.q_rows), (kt, plan.tk * plan.k_rows), (vt, plan.tk * plan.k_rows)))
+            outs.append(F.scaled_dot_product_attention(qt, kt, vt, attn_mask=group_masks[run.cls], scale=scale)
+                        .flatten(1, 2))
+            owners.append(_run_index(group.q_owner, plan, run, keys=False))
+    out = q.new_zeros(bh, n_pos + 1, v.shape[-1]).index_copy(1, torch.cat(owners), torch.cat(outs, 1))
+    return out[:, :n_pos]
 
 
 def _aten_op(name: str):
@@ -371,53 +435,98 @@ _FLASH_CPU = _aten_op("_scaled_dot_product_flash_attention_for_cpu")
 _FLASH_CPU_BACKWARD = _aten_op("_scaled_dot_product_flash_attention_for_cpu_backward")
 
 
-def _gather_tiles(rows: Tensor, index: Tensor, n: int) -> Tensor:
-    """rows [N, B·H, D], index [n·T] → tiles as a [B·H, n, T, D] view of one [n, T, B·H, D] gather."""
-    return rows.index_select(0, index).view(n, -1, *rows.shape[1:]).permute(2, 0, 1, 3)
+class _Scratch:
+    """Scratch tensors reused from chunk to chunk: filling memory the process already touched costs half of
+    filling fresh pages (measured: a 33 MB gather, 6 ms vs 12 ms; 31 ms where every large block is mmapped)."""
+
+    def __init__(self, like: Tensor):
+        self.like, self.flat = like, {}
+
+    def get(self, name: str, shape: Sequence[int]) -> Tensor:
+        size = math.prod(shape)
+        flat = self.flat.get(name)
+        if flat is None or flat.numel() < size:
+            flat = self.flat[name] = self.like.new_empty(size)
+        return flat[:size].view(shape)
+
+    def gather(self, name: str, x: Tensor, index: Tensor) -> Tensor:
+        """x [B·H, N, D], index [c, P·R] → column buffers [B·H·c, P·R, D] (batch-major)."""
+        out = self.get(name, (x.shape[0], index.numel(), x.shape[-1]))
+        return torch.index_select(x, 1, index.flatten(), out=out).view(-1, index.shape[1], x.shape[-1])
+
+
+def _add_halos(buffer_grad: Tensor, halo_grad: Tensor, plan: _TiledPlan, run: _Run) -> None:
+    """Add a run's per-tile key gradients [B', n, Tk·Rk, D] back onto its column buffer [B', Pk·Rk, D], one
+    halo plane at a time: plane j of every tile lands `k_step` planes after the previous tile's (strided adds,
+    no copy of the kernel's output, whatever its memory layout); where halos coincide (step 0) they are summed."""
+    planes = buffer_grad.view(buffer_grad.shape[0], -1, plan.k_rows, buffer_grad.shape[-1])  # [B', Pk, Rk, D]
+    halo = halo_grad.unflatten(2, (plan.tk, plan.k_rows))                                     # [B', n, Tk, Rk, D]
+    for j in range(plan.tk):
+        first = run.k_plane + j
+        if run.k_step == 0 and run.n > 1:
+            planes[:, first] += halo[:, :, j].sum(1)
+        else:
+            planes[:, first:first + run.k_step * (run.n - 1) + 1:max(run.k_step, 1)] += halo[:, :, j]
 
 
 class _TiledFlashCPU(torch.autograd.Function):
-    """The tiled attention on CPU with memory linear in N at a small constant: tiles are gathered a chunk
-    at a time (≤ max(N, CHUNK_MIN_KEYS) halo keys) and run through the flash kernels directly; backward keeps
-    only each tile's output and log-sum-exp (as flash attention itself does) and gathers the halos again,
-    instead of autograd holding every gathered halo, (T + k − 1)^d / T^d copies of k and v."""
+    """The tiled attention on CPU, memory linear in N at a small constant: column buffers are gathered a
+    chunk at a time (≤ max(N, CHUNK_MIN_KEYS) keys) and every run goes through the flash kernels as strided
+    views of them; backward keeps only each tile's output and log-sum-exp (as flash attention itself does)
+    and gathers the buffers again, instead of autograd holding every gathered key."""
 
     @staticmethod
-    def forward(ctx, q, k, v, plan: _TiledPlan, masks: list[Tensor], scale: float | None):
-        max_keys = max(q.shape[1], CHUNK_MIN_KEYS)
-        # Position-major copies [N, B·H, D]: gathering whole rows along dim 0 is a fast memcpy (along dim 1,
-        # or from a strided view, index_select copies element runs one by one). The flash kernel takes the
-        # gathered [n·T, B·H, D] tiles as strided [B·H, n, T, D] views, no further copy.
-        qp, kp, vp = (t.transpose(0, 1).contiguous() for t in (q, k, v))
-        outs, lses = [], []
-        for group, mask in zip(plan.groups, masks):
-            for n, q_index, k_index, _ in group.chunks(max_keys):
-                qt, kt, vt = (_gather_tiles(t, i, n) for t, i in ((qp, q_index), (kp, k_index), (vp, k_index)))
-                out, lse = _FLASH_CPU(qt, kt, vt, attn_mask=mask, scale=scale)  # [B·H, n, T, D], [B·H, n, T]
-                outs.append(out)
-                lses.append(lse)
-        ctx.save_for_backward(qp, kp, vp, *outs, *lses)
+    def forward(ctx, q, k, v, plan: _TiledPlan, masks: list, scale: float | None):
+        bh, n_pos, width = q.shape
+        max_keys = _chunk_keys(n_pos)
+        out = q.new_empty(bh, n_pos + 1, width)  # row N takes the repeated slots' outputs, then is dropped
+        outs, lses, scratch = [], [], _Scratch(q)
+        for group, group_masks in zip(plan.groups, masks):
+            for cols in group.chunks(max_keys):
+                qb = scratch.gather("q", q, group.q_index[cols])
+                kb, vb = (scratch.gather(name, t, group.k_index[cols]) for name, t in (("k", k), ("v", v)))
+                for run in plan.runs:
+                    qt = _run_view(qb, run.q_plane, plan.tq, run.n, plan.tq, plan.q_rows)
+                    kt, vt = (_run_view(t, run.k_plane, run.k_step, run.n, plan.tk, plan.k_rows) for t in (kb, vb))
+                    o, lse = _FLASH_CPU(qt, kt, vt, attn_mask=group_masks[run.cls], scale=scale)
+                    out.index_copy_(1, _run_index(group.q_owner[cols], plan, run, keys=False), o.view(bh, -1, width))
+                    outs.append(o)
+                    lses.append(lse)
+        ctx.save_for_backward(q, k, v, *outs, *lses)
         ctx.plan, ctx.masks, ctx.scale, ctx.max_keys = plan, masks, scale, max_keys
-        return torch.cat([o.flatten(1, 2) for o in outs], 1).index_select(1, plan.inverse)
+        return out[:, :n_pos]
 
     @staticmethod
     def backward(ctx, grad):
-        qp, kp, vp, *saved = ctx.saved_tensors
-        outs, lses = saved[:len(saved) // 2], saved[len(saved) // 2:]
-        n_pos, bh = qp.shape[:2]
-        grad = torch.cat([grad, grad.new_zeros(bh, 1, grad.shape[-1])], 1)  # row N: repeated slots get 0
-        dq = qp.new_zeros(bh, n_pos, qp.shape[-1])
-        dk = kp.new_zeros(bh, n_pos, kp.shape[-1])
-        dv = vp.new_zeros(bh, n_pos, vp.shape[-1])
-        chunks = ((mask, c) for group, mask in zip(ctx.plan.groups, ctx.masks) for c in group.chunks(ctx.max_keys))
-        for (mask, (n, q_index, k_index, q_owner)), out, lse in zip(chunks, outs, lses):
-            qt, kt, vt = (_gather_tiles(t, i, n) for t, i in ((qp, q_index), (kp, k_index), (vp, k_index)))
-            gt = grad.index_select(1, q_owner).view(out.shape)
-            gq, gk, gv = _FLASH_CPU_BACKWARD(gt, qt, kt, vt, out, lse, 0.0, False, attn_mask=mask, scale=ctx.scale)
-            dq.index_add_(1, q_index, gq.flatten(1, 2))
-            dk.index_add_(1, k_index, gk.flatten(1, 2))
-            dv.index_add_(1, k_index, gv.flatten(1, 2))
-        return dq, dk, dv, None, None, None
+        q, k, v, *saved = ctx.saved_tensors
+        outs, lses = iter(saved[:len(saved) // 2]), iter(saved[len(saved) // 2:])
+        plan = ctx.plan
+        bh, n_pos, width = q.shape
+        grad = torch.cat([grad, grad.new_zeros(bh, 1, width)], 1)  # row N: repeated slots get 0
+        dq = q.new_zeros(bh, n_pos + 1, width)
+        dk, dv = k.new_zeros(k.shape), v.new_zeros(v.shape)
+        scratch = _Scratch(q)
+        for group, group_masks in zip(plan.groups, ctx.masks):
+            for cols in group.chunks(ctx.max_keys):
+                qb = scratch.gather("q", q, group.q_index[cols])
+                kb, vb = (scratch.gather(name, t, group.k_index[cols]) for name, t in (("k", k), ("v", v)))
+                dkb, dvb = scratch.get("dk", kb.shape).zero_(), scratch.get("dv", vb.shape).zero_()
+                for run in plan.runs:
+                    qt = _run_view(qb, run.q_plane, plan.tq, run.n, plan.tq, plan.q_rows)
+                    kt, vt = (_run_view(t, run.k_plane, run.k_step, run.n, plan.tk, plan.k_rows) for t in (kb, vb))
+                    out, lse = next(outs), next(lses)
+                    owner = _run_index(group.q_owner[cols], plan, run, keys=False)
+                    gt = torch.index_select(grad, 1, owner, out=scratch.get("grad", (bh, owner.numel(), width)))
+                    gt = gt.view(out.shape)
+                    gq, gk, gv = _FLASH_CPU_BACKWARD(gt, qt, kt, vt, out, lse, 0.0, False,
+                                                     attn_mask=group_masks[run.cls], scale=ctx.scale)
+                    dq.index_add_(1, owner, gq.reshape(bh, -1, width))
+                    _add_halos(dkb, gk, plan, run)
+                    _add_halos(dvb, gv, plan, run)
+                index = group.k_index[cols].flatten()
+                dk.index_add_(1, index, dkb.view(bh, -1, width))
+                dv.index_add_(1, index, dvb.view(bh, -1, width))
+        return dq[:, :n_pos], dk, dv, None, None, None
 
 
 # ── flex backend: torch's flex_attention with a block mask from the same window rule ──────────────────────
