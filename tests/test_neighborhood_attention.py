@@ -164,6 +164,16 @@ def test_torch_backend_in_many_chunks(spatial, kernel, dilation, monkeypatch):
     _check_forward_backward(*qkv(spatial), kernel, dilation, backend="torch", tile=2)
 
 
+@pytest.mark.parametrize("min_add_elements", [1, 10**12], ids=["strided-adds", "one-index-add"])
+@pytest.mark.parametrize("spatial,kernel,dilation,tile", [((60,), (5,), (3,), (2,)), ((30, 10), (3, 5), (1, 2), (3, 4)),
+                                                          ((9, 7, 8), (3, 3, 5), (1, 2, 1), (2, 3, 4))])
+def test_halo_gradients_added_back_either_way(spatial, kernel, dilation, tile, min_add_elements, monkeypatch):
+    """Key gradients go back to the column buffers by strided adds (plane by plane when a run has more tiles
+    than halo planes, as in 1-D; tile by tile otherwise) or by one index_add_: the same gradients."""
+    monkeypatch.setattr(attention, "_MIN_ADD_ELEMENTS", min_add_elements)
+    _check_forward_backward(*qkv(spatial), kernel, dilation, backend="torch", tile=tile)
+
+
 def test_key_halos_are_views_of_column_buffers_sliding_along_the_first_axis():
     """32³, kernel 7, 4×4×4 tiles: each column (a 4×4 tile on the last two axes) gathers its 10×10 key halo
     once per plane, 6.25 keys per position in all, where a gather per tile would copy 10³/4³ = 15.6; along

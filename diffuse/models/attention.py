@@ -455,18 +455,30 @@ class _Scratch:
         return torch.index_select(x, 1, index.flatten(), out=out).view(-1, index.shape[1], x.shape[-1])
 
 
+# Below this many elements per add, the per-op cost outweighs the data moved: one copy and index_add_ instead.
+_MIN_ADD_ELEMENTS = 65536
+
+
 def _add_halos(buffer_grad: Tensor, halo_grad: Tensor, plan: _TiledPlan, run: _Run) -> None:
-    """Add a run's per-tile key gradients [B', n, Tk·Rk, D] back onto its column buffer [B', Pk·Rk, D], one
-    halo plane at a time: plane j of every tile lands `k_step` planes after the previous tile's (strided adds,
-    no copy of the kernel's output, whatever its memory layout); where halos coincide (step 0) they are summed."""
+    """Add a run's per-tile key gradients [B', n, Tk·Rk, D] back onto its column buffer [B', Pk·Rk, D], where
+    halos overlap (step < Tk) or coincide (step 0). Large runs go in min(n, Tk) strided adds that read the
+    kernel's output where it lies; small ones in one index_add_ over a contiguous copy."""
     planes = buffer_grad.view(buffer_grad.shape[0], -1, plan.k_rows, buffer_grad.shape[-1])  # [B', Pk, Rk, D]
     halo = halo_grad.unflatten(2, (plan.tk, plan.k_rows))                                     # [B', n, Tk, Rk, D]
-    for j in range(plan.tk):
-        first = run.k_plane + j
-        if run.k_step == 0 and run.n > 1:
-            planes[:, first] += halo[:, :, j].sum(1)
-        else:
-            planes[:, first:first + run.k_step * (run.n - 1) + 1:max(run.k_step, 1)] += halo[:, :, j]
+    n, tk, first, step = run.n, plan.tk, run.k_plane, run.k_step
+    if step == 0:  # every tile's halo is the same planes
+        planes[:, first:first + tk] += halo[:, 0] if n == 1 else halo.sum(1)
+    elif min(n, tk) * _MIN_ADD_ELEMENTS <= halo.numel():
+        if n <= tk:  # tile by tile: Tk consecutive planes each
+            for i in range(n):
+                planes[:, first + i * step:first + i * step + tk] += halo[:, i]
+        else:  # plane by plane: the j-th plane of every tile, `step` planes apart
+            for j in range(tk):
+                planes[:, first + j:first + j + step * (n - 1) + 1:step] += halo[:, :, j]
+    else:
+        index = ((first + step * torch.arange(n, device=halo.device))[:, None]
+                 + torch.arange(tk, device=halo.device)).flatten()
+        planes.flatten(2).index_add_(1, index, halo.reshape(halo.shape[0], n * tk, -1))
 
 
 class _TiledFlashCPU(torch.autograd.Function):
