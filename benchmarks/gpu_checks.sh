@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Every GPU check in one run, for a session that is lent a GPU for a few minutes (issue 14, item 4):
+#   1. the default `diffuse train` (1000 steps, shapes 32², the grids and the GIF) timed wall-clock, eager and
+#      with trainer.compile=true;
+#   2. benchmarks/train_step.py: our default UNet against diffusers' UNet2DModel, fp32, bf16, bf16 compiled;
+#   3. the CUDA tests (pytest -m cuda).
+# Most important first; each step has its own time limit (560 s in all) so the run ends inside one 10-minute call,
+# and every log and JSON goes to $OUT (default /tmp/gpu_checks).
+#
+#   device run:  bash benchmarks/gpu_checks.sh             (carry: .whl — see below)
+#   dry run:     DEVICE=cpu QUICK=1 bash benchmarks/gpu_checks.sh   (here: checks the script, tiny sizes)
+#
+# The GPU machine has torch but not hydra-core, omegaconf, antlr4 or diffusers, and cannot download: carry
+# them as Python 3.12 wheels in .whl/ (git-ignored through .git/info/exclude), e.g.
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux2014_x86_64 -d .whl hydra-core omegaconf diffusers importlib_metadata zipp
+#   pip wheel --no-deps antlr4-python3-runtime==4.9.3 -w .whl      (sdist only on PyPI)
+set -u
+DEVICE=${DEVICE:-cuda}
+QUICK=${QUICK:-0}
+OUT=${OUT:-/tmp/gpu_checks}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 WANDB_MODE=disabled HYDRA_FULL_ERROR=1
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1 && [ "$DEVICE" = cuda ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        || { echo "wheel install failed"; exit 1; }
+    export PYTHONPATH=/tmp/site:$PWD
+else
+    export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+fi
+
+step() {  # step NAME SECONDS COMMAND...: run with a limit, log to $OUT/NAME.log, print its wall time
+    local name=$1 limit=$2; shift 2
+    local start=$(date +%s.%N)
+    timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+    local rc=$?
+    local wall=$(python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.1f}')" "$start" "$(date +%s.%N)")
+    echo "$name: rc=$rc wall=${wall}s" | tee -a "$OUT/summary.txt"
+    tail -n 4 "$OUT/$name.log"
+}
+
+{ nvidia-smi 2>/dev/null || true; python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"; } \
+    > "$OUT/machine.txt" 2>&1
+cat "$OUT/machine.txt"
+
+if [ "$QUICK" = 1 ]; then
+    TRAIN_ARGS="trainer.max_steps=20 trainer.sample_every=0 trainer.final_animation=false trainer.val_every=0"
+    BENCH_ARGS="--batch 8 --resolution 16 --repeats 2"
+else
+    TRAIN_ARGS=""
+    BENCH_ARGS=""
+fi
+
+# 1. the default run, as a new user starts it (its log states steps/s and the end-of-run sample time)
+step train_default 100 python3 -m diffuse train device="$DEVICE" $TRAIN_ARGS hydra.run.dir="$OUT/run_default"
+step train_compiled 150 python3 -m diffuse train device="$DEVICE" trainer.compile=true $TRAIN_ARGS \
+    hydra.run.dir="$OUT/run_compiled"
+
+# 2. images/s against diffusers, same run, same inputs
+step train_step_fp32 45 python3 benchmarks/train_step.py --device "$DEVICE" $BENCH_ARGS --out "$OUT/train_step_fp32.json"
+if [ "$DEVICE" = cuda ]; then
+    step train_step_bf16 45 python3 benchmarks/train_step.py --device cuda --precision bf16 $BENCH_ARGS \
+        --out "$OUT/train_step_bf16.json"
+    step train_step_bf16_compiled 110 python3 benchmarks/train_step.py --device cuda --precision bf16 --compile \
+        $BENCH_ARGS --out "$OUT/train_step_bf16_compiled.json"
+    # 3. the tests that only run on a GPU
+    step pytest_cuda 110 python3 -m pytest -q -m cuda -p no:cacheprovider tests
+fi
+cat "$OUT/summary.txt"
