@@ -196,11 +196,21 @@ def test_default_tiles_and_auto_backend_match_brute_force():
 
 
 @pytest.mark.parametrize("spatial,kernel,dilation", [((30,), (7,), (2,)), ((9, 10), (5, 3), (1, 3)),
-                                                     ((6, 7, 8), (5, 3, 3), (1, 2, 1))])
+                                                     ((5, 7, 8), (5, 3, 3), (1, 2, 1))])
 def test_small_maps_take_one_dense_masked_call(spatial, kernel, dilation):
     """Where tiles would not save half the scores, one SDPA call with the [N, N] window mask."""
     assert dense_is_cheaper(spatial, kernel, dilation)
     _check_forward_backward(*qkv(spatial), kernel, dilation, backend="torch")
+
+
+def test_default_tile_takes_a_whole_group_where_the_halo_would():
+    assert attention.default_tile((32, 32, 32), (7, 7, 7), (1, 1, 1)) == (2, 4, 4)
+    # dilation 2 on 16³: groups of 8 points, a 4-tile's halo (4 + 5 − 1 = 8) is already the whole group
+    assert attention.default_tile((16, 16, 16), (5, 5, 5), (2, 2, 2)) == (2, 8, 8)
+    assert attention.default_tile((16, 16, 16), (5, 5, 5), (1, 2, 1)) == (2, 8, 4)
+    assert attention.default_tile((40, 36), (5, 5), (1, 1)) == (8, 8)
+    assert attention.default_tile((200,), (7,), (1,)) == (32,)
+    _check_forward_backward(*qkv((6, 16, 10)), (3, 5, 3), (2, 2, 1), backend="torch")  # (2, 8, 4) tiles
 
 
 def test_dense_choice_follows_the_saving():
