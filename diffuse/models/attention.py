@@ -433,8 +433,13 @@ def _tiled_sdpa(q: Tensor, k: Tensor, v: Tensor, plan: _TiledPlan, masks: list, 
             outs.append(F.scaled_dot_product_attention(qt, kt, vt, attn_mask=group_masks[run.cls], scale=scale)
                         .flatten(1, 2))
             owners.append(_run_index(group.q_owner, plan, run, keys=False))
-    out = q.new_zeros(bh, n_pos + 1, v.shape[-1]).index_copy(1, torch.cat(owners), torch.cat(outs, 1))
-    return out[:, :n_pos]
+    # each position's row among the outputs (its one valid slot): a gather, deterministic on every device,
+    # where index_copy into a spare row for the repeated slots is not on CUDA
+    owners = torch.cat(owners)
+    rows = torch.arange(owners.numel(), device=owners.device)
+    inverse = torch.empty(n_pos, dtype=torch.long, device=owners.device)
+    inverse[owners[owners < n_pos]] = rows[owners < n_pos]
+    return torch.cat(outs, 1).index_select(1, inverse)
 
 
 def _aten_op(name: str):
