@@ -267,6 +267,7 @@ class _TiledPlan:
     tk: int          # key planes per halo
     q_rows: int      # Rq: query slots per plane of a column
     k_rows: int      # Rk: keys per plane of a column's buffer
+    inverse: Tensor | None = None  # [N] row of each position among the generic path's concatenated outputs
     masks: dict = field(default_factory=dict)  # dtype → per group, per pattern: additive [1, 1, Tq, Tk] masks
 
 
@@ -332,7 +333,14 @@ def _tiled_plan(spatial: tuple[int, ...], kernel: tuple[int, ...], dilation: tup
         groups.append(_ColumnGroup(q_index.flatten(1).to(device), q_index.masked_fill(~valid, n_pos).flatten(1)
                                    .to(device), k_index.flatten(1).to(device), [m.to(device) for m in masks]))
     q_rows, k_rows = (math.prod(ax.q_pos.shape[1] for ax in rest), math.prod(ax.k_pos.shape[1] for ax in rest))
-    return _TiledPlan(runs, groups, tq, tk, q_rows, k_rows)
+    plan = _TiledPlan(runs, groups, tq, tk, q_rows, k_rows)
+    # the generic path concatenates every group's runs in order: each position's row is its one valid slot
+    # there (a gather, deterministic on every device, where index_copy into a spare row is not on CUDA)
+    owners = torch.cat([_run_index(g.q_owner, plan, run, keys=False) for g in groups for run in runs])
+    valid = owners < n_pos
+    plan.inverse = torch.empty(n_pos, dtype=torch.long, device=device)
+    plan.inverse[owners[valid]] = torch.arange(owners.numel(), device=device)[valid]
+    return plan
 
 
 def _run_view(buffer: Tensor, plane: int, step: int, n: int, planes: int, rows: int) -> Tensor:
@@ -422,8 +430,8 @@ def _na_tiled(q: Tensor, k: Tensor, v: Tensor, plan: _TiledPlan, scale: float | 
 
 def _tiled_sdpa(q: Tensor, k: Tensor, v: Tensor, plan: _TiledPlan, masks: list, scale) -> Tensor:
     """q, k, v: [B·H, N, D]. Every run's tiles gathered explicitly, SDPA per run, autograd does the rest."""
-    bh, n_pos = q.shape[:2]
-    outs, owners = [], []
+    bh = q.shape[0]
+    outs = []
     for group, group_masks in zip(plan.groups, masks):
         for run in plan.runs:
             qt = q.index_select(1, _run_index(group.q_index, plan, run, keys=False))
@@ -432,14 +440,7 @@ def _tiled_sdpa(q: Tensor, k: Tensor, v: Tensor, plan: _TiledPlan, masks: list, 
                           ((qt, plan.tq * plan.q_rows), (kt, plan.tk * plan.k_rows), (vt, plan.tk * plan.k_rows)))
             outs.append(F.scaled_dot_product_attention(qt, kt, vt, attn_mask=group_masks[run.cls], scale=scale)
                         .flatten(1, 2))
-            owners.append(_run_index(group.q_owner, plan, run, keys=False))
-    # each position's row among the outputs (its one valid slot): a gather, deterministic on every device,
-    # where index_copy into a spare row for the repeated slots is not on CUDA
-    owners = torch.cat(owners)
-    rows = torch.arange(owners.numel(), device=owners.device)
-    inverse = torch.empty(n_pos, dtype=torch.long, device=owners.device)
-    inverse[owners[owners < n_pos]] = rows[owners < n_pos]
-    return torch.cat(outs, 1).index_select(1, inverse)
+    return torch.cat(outs, 1).index_select(1, plan.inverse)
 
 
 def _aten_op(name: str):
@@ -472,6 +473,23 @@ class _Scratch:
         """x [B·H, N, D], index [c, P·R] → column buffers [B·H·c, P·R, D] (batch-major)."""
         out = self.get(name, (x.shape[0], index.numel(), x.shape[-1]))
         return torch.index_select(x, 1, index.flatten(), out=out).view(-1, index.shape[1], x.shape[-1])
+
+
+def _column_chunks(q: Tensor, k: Tensor, v: Tensor, plan: _TiledPlan, masks: list, max_keys: int, scratch: _Scratch):
+    """Each chunk of columns in order, its q, k, v buffers gathered into `scratch`:
+    (group, the group's masks, the chunk's column slice, qb, kb, vb)."""
+    for group, group_masks in zip(plan.groups, masks):
+        for cols in group.chunks(max_keys):
+            qb = scratch.gather("q", q, group.q_index[cols])
+            kb, vb = (scratch.gather(name, t, group.k_index[cols]) for name, t in (("k", k), ("v", v)))
+            yield group, group_masks, cols, qb, kb, vb
+
+
+def _run_views(plan: _TiledPlan, run: _Run, qb: Tensor, kb: Tensor, vb: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """A run's tiles as strided views of a chunk's buffers: [B', n, Tq, D] queries, [B', n, Tk, D] keys/values."""
+    qt = _run_view(qb, run.q_plane, plan.tq, run.n, plan.tq, plan.q_rows)
+    kt, vt = (_run_view(t, run.k_plane, run.k_step, run.n, plan.tk, plan.k_rows) for t in (kb, vb))
+    return qt, kt, vt
 
 
 # Below this many elements per add, the per-op cost outweighs the data moved: one copy and index_add_ instead.
@@ -511,18 +529,13 @@ class _TiledFlashCPU(torch.autograd.Function):
         bh, n_pos, width = q.shape
         max_keys = _chunk_keys(n_pos)
         out = q.new_empty(bh, n_pos + 1, width)  # row N takes the repeated slots' outputs, then is dropped
-        outs, lses, scratch = [], [], _Scratch(q)
-        for group, group_masks in zip(plan.groups, masks):
-            for cols in group.chunks(max_keys):
-                qb = scratch.gather("q", q, group.q_index[cols])
-                kb, vb = (scratch.gather(name, t, group.k_index[cols]) for name, t in (("k", k), ("v", v)))
-                for run in plan.runs:
-                    qt = _run_view(qb, run.q_plane, plan.tq, run.n, plan.tq, plan.q_rows)
-                    kt, vt = (_run_view(t, run.k_plane, run.k_step, run.n, plan.tk, plan.k_rows) for t in (kb, vb))
-                    o, lse = _FLASH_CPU(qt, kt, vt, attn_mask=group_masks[run.cls], scale=scale)
-                    out.index_copy_(1, _run_index(group.q_owner[cols], plan, run, keys=False), o.view(bh, -1, width))
-                    outs.append(o)
-                    lses.append(lse)
+        outs, lses = [], []
+        for group, group_masks, cols, qb, kb, vb in _column_chunks(q, k, v, plan, masks, max_keys, _Scratch(q)):
+            for run in plan.runs:
+                o, lse = _FLASH_CPU(*_run_views(plan, run, qb, kb, vb), attn_mask=group_masks[run.cls], scale=scale)
+                out.index_copy_(1, _run_index(group.q_owner[cols], plan, run, keys=False), o.view(bh, -1, width))
+                outs.append(o)
+                lses.append(lse)
         ctx.save_for_backward(q, k, v, *outs, *lses)
         ctx.plan, ctx.masks, ctx.scale, ctx.max_keys = plan, masks, scale, max_keys
         return out[:, :n_pos]
@@ -537,26 +550,20 @@ class _TiledFlashCPU(torch.autograd.Function):
         dq = q.new_zeros(bh, n_pos + 1, width)
         dk, dv = k.new_zeros(k.shape), v.new_zeros(v.shape)
         scratch = _Scratch(q)
-        for group, group_masks in zip(plan.groups, ctx.masks):
-            for cols in group.chunks(ctx.max_keys):
-                qb = scratch.gather("q", q, group.q_index[cols])
-                kb, vb = (scratch.gather(name, t, group.k_index[cols]) for name, t in (("k", k), ("v", v)))
-                dkb, dvb = scratch.get("dk", kb.shape).zero_(), scratch.get("dv", vb.shape).zero_()
-                for run in plan.runs:
-                    qt = _run_view(qb, run.q_plane, plan.tq, run.n, plan.tq, plan.q_rows)
-                    kt, vt = (_run_view(t, run.k_plane, run.k_step, run.n, plan.tk, plan.k_rows) for t in (kb, vb))
-                    out, lse = next(outs), next(lses)
-                    owner = _run_index(group.q_owner[cols], plan, run, keys=False)
-                    gt = torch.index_select(grad, 1, owner, out=scratch.get("grad", (bh, owner.numel(), width)))
-                    gt = gt.view(out.shape)
-                    gq, gk, gv = _FLASH_CPU_BACKWARD(gt, qt, kt, vt, out, lse, 0.0, False,
-                                                     attn_mask=group_masks[run.cls], scale=ctx.scale)
-                    dq.index_add_(1, owner, gq.reshape(bh, -1, width))
-                    _add_halos(dkb, gk, plan, run)
-                    _add_halos(dvb, gv, plan, run)
-                index = group.k_index[cols].flatten()
-                dk.index_add_(1, index, dkb.view(bh, -1, width))
-                dv.index_add_(1, index, dvb.view(bh, -1, width))
+        for group, group_masks, cols, qb, kb, vb in _column_chunks(q, k, v, plan, ctx.masks, ctx.max_keys, scratch):
+            dkb, dvb = scratch.get("dk", kb.shape).zero_(), scratch.get("dv", vb.shape).zero_()
+            for run in plan.runs:
+                out, lse = next(outs), next(lses)
+                owner = _run_index(group.q_owner[cols], plan, run, keys=False)
+                gt = torch.index_select(grad, 1, owner, out=scratch.get("grad", (bh, owner.numel(), width)))
+                gq, gk, gv = _FLASH_CPU_BACKWARD(gt.view(out.shape), *_run_views(plan, run, qb, kb, vb), out, lse,
+                                                 0.0, False, attn_mask=group_masks[run.cls], scale=ctx.scale)
+                dq.index_add_(1, owner, gq.reshape(bh, -1, width))
+                _add_halos(dkb, gk, plan, run)
+                _add_halos(dvb, gv, plan, run)
+            index = group.k_index[cols].flatten()
+            dk.index_add_(1, index, dkb.view(bh, -1, width))
+            dv.index_add_(1, index, dvb.view(bh, -1, width))
         return dq[:, :n_pos], dk, dv, None, None, None
 
 
