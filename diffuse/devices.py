@@ -22,3 +22,16 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DiffuseError("device=cuda but no CUDA device is available (use device=auto or device=cpu)")
     return device
+
+
+def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """`tensor` on `device` without making the host wait for the device.
+
+    A CPU → CUDA copy from ordinary (pageable) memory synchronises the host with the GPU's queue, so one per
+    training step (a batch's indices, its flips) leaves the GPU idle while the host catches up. From pinned
+    memory the copy is queued like any kernel; torch's pinned-memory cache keeps the buffer until it is done.
+    """
+    device = torch.device(device)
+    if device.type != "cuda" or tensor.device.type != "cpu":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)

@@ -98,12 +98,16 @@ def test_nan_loss_stops_cleanly_and_keeps_last_good_checkpoint(tmp_path, monkeyp
         return loss * float("nan") if calls["n"] >= 4 else loss
 
     monkeypatch.setattr(train_job.DiffusionLoss, "__call__", poisoned)
-    with pytest.raises(DiffuseError, match=r"loss became nan at step 4.*last good checkpoint kept"):
-        _train(tmp_path, "run", ["trainer.max_steps=10", "trainer.checkpoint_every=2", "trainer.log_every=5"])
-    last = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
-    assert last["step"] == 2
+    # steps 4, 5, 6 are skipped on the device; the host learns of it at step 6 (every max_nonfinite_steps)
+    with pytest.raises(DiffuseError, match=r"loss became nan at step 4, 3 steps in a row.*last good checkpoint kept"):
+        _train(tmp_path, "run", ["trainer.max_steps=10", "trainer.checkpoint_every=2", "trainer.log_every=5",
+                                 "trainer.max_nonfinite_steps=3"])
+    folder = tmp_path / "run" / "checkpoints"
+    last, step_2 = load_checkpoint(folder / "last.ckpt"), load_checkpoint(folder / "step_2.ckpt")
+    assert last["step"] == 4 and last["skipped_steps"] == 1 and not (folder / "step_6.ckpt").exists()
     assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
-    assert not (tmp_path / "run" / "checkpoints" / "step_4.ckpt").exists()
+    assert last["ema"]["num_updates"] == 3  # the skipped step 4 moved neither the weights nor the EMA
+    assert not all(torch.equal(last["model"][k], step_2["model"][k]) for k in last["model"])
 
 
 def test_checkpoint_errors_are_one_line(tmp_path):
@@ -154,10 +158,29 @@ def test_ema_warmup_and_average():
         value = d * value + (1 - d) * step
         assert ema.model.weight.item() == pytest.approx(value, rel=1e-5)
     assert decays[0] == pytest.approx(0.1) and decays[1] == pytest.approx(2 / 11)
-    assert max(decays) == 0.9 and decays[79] < 0.9 and ema.num_updates == 100
+    assert max(decays) == pytest.approx(0.9) and decays[79] < max(decays) and ema.num_updates == 100
     restored = EMA(model, decay=0.9)
     restored.load_state_dict(ema.state_dict())
     assert restored.num_updates == 100 and restored.current_decay() == ema.current_decay()
+
+
+def test_an_ema_update_masked_by_a_device_flag_changes_nothing():
+    """The trainer passes the step's `taken` flag as a tensor: a skipped step moves neither the average nor
+    the warm-up counter, and a taken one is the plain update."""
+    model = torch.nn.Linear(3, 2)
+    ema = EMA(model, decay=0.99)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    before = [p.clone() for p in ema.model.parameters()]
+    ema.update(model, torch.tensor(False))
+    assert ema.num_updates == 0 and all(torch.equal(a, b) for a, b in zip(before, ema.model.parameters()))
+    plain = EMA(model, decay=0.99)
+    plain.model.load_state_dict(ema.model.state_dict())
+    ema.update(model, torch.tensor(True))
+    plain.update(model)
+    assert ema.num_updates == plain.num_updates == 1
+    assert all(torch.equal(a, b) for a, b in zip(plain.model.parameters(), ema.model.parameters()))
+    assert not torch.equal(before[0], ema.model.weight)
 
 
 @pytest.mark.parametrize("name", ["onecycle", "cosine", "constant"])
@@ -247,4 +270,18 @@ def test_precision_auto_is_bf16_on_a_gpu_that_has_it(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     assert resolve_precision("auto", torch.device("cuda")) == "fp32"
     opt = build_optimizer(torch.nn.Linear(2, 2), 1e-3, 0.0, (0.9, 0.999))
-    assert not opt.defaults.get("fused")  # the fused kernel is CUDA's
+    assert opt.defaults.get("fused")  # the fused kernel on the CPU too: it skips a step without a host sync
+
+
+def test_compile_setting_names_a_torch_compile_mode(monkeypatch):
+    from diffuse.training import loop
+    calls = []
+    monkeypatch.setattr(loop.torch, "compile", lambda model, **kw: calls.append(kw) or model)
+    model = torch.nn.Linear(2, 2)
+    for setting in (False, "false", None):
+        assert loop.compile_model(model, setting) is model
+    for setting in (True, "true", "reduce-overhead", "max-autotune-no-cudagraphs"):
+        loop.compile_model(model, setting)
+    assert calls == [{}, {}, {"mode": "reduce-overhead"}, {"mode": "max-autotune-no-cudagraphs"}]
+    with pytest.raises(DiffuseError, match="trainer.compile must be true, false or one of default, reduce-overhead"):
+        loop.compile_model(model, "fast")

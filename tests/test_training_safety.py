@@ -36,12 +36,31 @@ def _nan_gradient_at(calls: set[int] | None, original):
     return poisoned
 
 
+def _tensors(state) -> list[torch.Tensor]:
+    """Every floating tensor in a (nested) state dict, in a fixed order."""
+    if isinstance(state, torch.Tensor):
+        return [state.float()] if state.is_floating_point() else []
+    if isinstance(state, dict):
+        return [t for key in sorted(state, key=str) for t in _tensors(state[key])]
+    if isinstance(state, (list, tuple)):
+        return [t for item in state for t in _tensors(item)]
+    return []
+
+
 def test_a_finite_loss_with_a_nan_gradient_skips_the_step(tmp_path, monkeypatch):
     monkeypatch.setattr(train_job.DiffusionLoss, "__call__", _nan_gradient_at({3}, train_job.DiffusionLoss.__call__))
-    summary = _train(tmp_path, "run", ["trainer.max_steps=5", "trainer.checkpoint_every=1"])
+    summary = _train(tmp_path, "run", ["trainer.max_steps=5", "trainer.checkpoint_every=1",
+                                       "trainer.keep_checkpoints=null"])
     assert summary["step"] == 5 and summary["skipped_steps"] == 1 and math.isfinite(summary["loss"])
-    state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
-    assert state["skipped_steps"] == 1 and state["ema"]["num_updates"] == 5  # the skipped one left no trace
+    folder = tmp_path / "run" / "checkpoints"
+    state = load_checkpoint(folder / "last.ckpt")
+    assert state["skipped_steps"] == 1 and state["ema"]["num_updates"] == 4  # the skipped one left no trace:
+    step_2, step_3 = load_checkpoint(folder / "step_2.ckpt"), load_checkpoint(folder / "step_3.ckpt")
+    for part in ("model", "optimizer"):  # neither the weights nor Adam's moments and step moved
+        assert torch.equal(torch.cat([t.flatten() for t in _tensors(step_2[part])]),
+                           torch.cat([t.flatten() for t in _tensors(step_3[part])]))
+    assert torch.equal(torch.cat([t.flatten() for t in _tensors(step_2["ema"]["model"])]),
+                       torch.cat([t.flatten() for t in _tensors(step_3["ema"]["model"])]))
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
     assert all(torch.isfinite(v).all() for v in state["ema"]["model"].values() if v.is_floating_point())
 
@@ -49,7 +68,8 @@ def test_a_finite_loss_with_a_nan_gradient_skips_the_step(tmp_path, monkeypatch)
 @pytest.mark.slow
 def test_persistent_nan_gradients_stop_the_run_and_keep_the_last_good_checkpoint(tmp_path):
     """Through the CLI: the loss is patched in the CLI's own process to be finite with a NaN gradient from the
-    4th step on; the run stops with one line and last.ckpt stays the step-2 one, NaN-free."""
+    4th step on; the run stops with one line once 3 steps in a row were skipped (the host reads the count at
+    step 6), and last.ckpt is the step-4 one, whose skipped update left the weights NaN-free."""
     code = ("import torch; from diffuse.diffusion.objectives import DiffusionLoss as L; o = L.__call__; n = [0]\n"
             "def f(self, model, *a, **k):\n"
             "    n[0] += 1; loss = o(self, model, *a, **k)\n"
@@ -63,7 +83,7 @@ def test_persistent_nan_gradients_stop_the_run_and_keep_the_last_good_checkpoint
     assert "last good checkpoint kept" in proc.stderr
     (last,) = tmp_path.glob("outputs/*/*/checkpoints/last.ckpt")
     state = load_checkpoint(last)
-    assert state["step"] == 2
+    assert state["step"] == 4 and state["skipped_steps"] == 1
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from diffuse.data.vision import InMemoryImages
+from diffuse.devices import to_device
 from diffuse.errors import DiffuseError
 
 log = logging.getLogger(__name__)
@@ -481,7 +482,7 @@ class FolderDataset(InMemoryImages):
         if self._memmap is None:
             return super()._gather(indices)
         rows = np.asarray(self._memmap[indices.cpu().numpy()])  # reads these items only (a copy); CPU indices
-        return torch.from_numpy(rows).to(self.labels.device)
+        return to_device(torch.from_numpy(rows), self.labels.device)
 
     def __repr__(self) -> str:
         return (f"FolderDataset(path={self.root}, {self.kind}, n={len(self)}, item={list(self.item_shape)}, "

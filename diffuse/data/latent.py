@@ -25,7 +25,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from diffuse.building import build
-from diffuse.devices import resolve_device
+from diffuse.devices import resolve_device, to_device
 from diffuse.errors import DiffuseError
 from diffuse.models.vae import VAE, check_vae_fits_data
 from diffuse.training.checkpoint import load_checkpoint
@@ -179,14 +179,14 @@ class LatentDataset:
     def get_batch(self, indices: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """indices [B] → z float32 [B, latent_channels, *latent] (scaled), y int64 [B]."""
         if self.mean is not None:
-            idx = indices.to(self.mean.device)
+            idx = to_device(indices, self.mean.device)
             mean, std, y = self.mean[idx], self.std[idx], self.labels[idx]
         else:
             x, y = self.data.get_batch(indices, generator)
             mean, std = self._moments(x)
         if self.sample:
             noise = torch.randn(mean.shape, generator=generator)  # a CPU generator, as BatchStream's
-            mean = mean + std * noise.to(mean.device)
+            mean = mean + std * to_device(noise, mean.device)
         return mean * self.scale, y
 
     def decode(self, z: Tensor) -> Tensor:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from diffuse.devices import to_device
 from diffuse.errors import DiffuseError
 
 
@@ -48,7 +49,7 @@ class BatchStream:
         self._aug.manual_seed(hash((self.seed, self.epoch, self.position, self.rank)) & 0x7FFF_FFFF)
         self.position += 1
         x, y = self.dataset.get_batch(idx, self._aug)
-        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        return to_device(x, self.device), to_device(y, self.device)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position}

@@ -15,6 +15,8 @@ import math
 import torch
 from torch import Tensor
 
+from diffuse.devices import to_device
+
 CLASS_NAMES = {1: ("bump", "box", "tent", "sine"), 2: ("ball", "box", "diamond", "cross"),
                3: ("ball", "box", "octahedron", "cross")}
 
@@ -55,7 +57,7 @@ class ShapesDataset:
 
     def get_batch(self, indices: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """indices: [B] int64 → x [B, channels, *spatial] in [−1, 1], y [B] int64, on the dataset's device."""
-        indices = indices.to(self.labels.device)
+        indices = to_device(indices, self.labels.device)
         y = self.labels[indices]
         view = (-1, *([1] * self.dim))
         rel = self.coords[None] - self.centers[indices].view(-1, self.dim, *([1] * self.dim))  # [B, dim, *sp]

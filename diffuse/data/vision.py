@@ -28,6 +28,7 @@ import torch
 import torchvision
 from torch import Tensor
 
+from diffuse.devices import to_device
 from diffuse.errors import DiffuseError
 from diffuse.network import reachable
 
@@ -174,11 +175,12 @@ class InMemoryImages:
         Random horizontal flips (hflip) are drawn from `generator` (a CPU generator is fine), so a batch
         is a function of (indices, generator state) only, wherever the data lives.
         """
-        return self._convert(self._gather(indices), generator), self.labels[indices.to(self.labels.device)]
+        labels = self.labels[to_device(indices, self.labels.device)]  # no host sync on CUDA (see to_device)
+        return self._convert(self._gather(indices), generator), labels
 
     def _gather(self, indices: Tensor) -> Tensor:
         """The stored items at `indices`, on self.device (subclasses may read them from elsewhere, e.g. a memmap)."""
-        return self.images[indices.to(self.images.device)]
+        return self.images[to_device(indices, self.images.device)]
 
     def _convert(self, items: Tensor, generator: torch.Generator | None) -> Tensor:
         """Stored items [B, C_stored, *S] (uint8, or float already in [−1, 1]) → float32 [B, channels, *S] in
@@ -186,7 +188,7 @@ class InMemoryImages:
         x = items.float().div_(127.5).sub_(1.0) if items.dtype == torch.uint8 else items.float()
         if self.hflip:
             flip = torch.rand(len(x), generator=generator) < 0.5
-            flip = flip.to(x.device).view(-1, *([1] * (x.ndim - 1)))
+            flip = to_device(flip, x.device).view(-1, *([1] * (x.ndim - 1)))
             x = torch.where(flip, x.flip(-1), x)
         if x.shape[1] != self.channels:  # grey stored, RGB asked: replicate
             x = x.expand(-1, self.channels, *x.shape[2:]).contiguous()

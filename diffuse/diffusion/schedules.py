@@ -165,6 +165,14 @@ class DiscreteSchedule(Schedule):
         self.t_max = 1.0
         # log ᾱ at t = 0, 1/T, …, 1 for piecewise-linear interpolation (ᾱ(0) = 1: clean data)
         self._log_ac = torch.cat([torch.zeros(1, dtype=torch.float64), torch.log(self.alphas_cumprod)])
+        self._log_ac_on: dict[torch.device, Tensor] = {}
+
+    def _log_ac_table(self, device: torch.device) -> Tensor:
+        """The log ᾱ table on `device`, copied there once: a copy per call would make every training step
+        wait for the GPU (a CPU → CUDA copy from pageable memory synchronises)."""
+        if device not in self._log_ac_on:
+            self._log_ac_on[device] = self._log_ac.to(device)
+        return self._log_ac_on[device]
 
     @property
     def betas(self) -> Tensor:
@@ -174,7 +182,7 @@ class DiscreteSchedule(Schedule):
 
     def log_alphas_cumprod(self, t: Tensor) -> Tensor:
         """log ᾱ(t), exact at t = (i+1)/T, linear in t in between."""
-        table = self._log_ac.to(t.device)
+        table = self._log_ac_table(t.device)
         pos = t.to(torch.float64).clamp(0, 1) * self.num_timesteps
         lo = pos.floor().long().clamp(max=self.num_timesteps - 1)
         frac = pos - lo
@@ -196,7 +204,7 @@ class DiscreteSchedule(Schedule):
         t = torch.as_tensor(t, dtype=torch.float64)
         T = self.num_timesteps
         cell = (torch.ceil(t * T - 1e-9) - 1).long().clamp(0, T - 1)
-        table = self._log_ac.to(t.device)
+        table = self._log_ac_table(t.device)
         return 0.5 * T * (table[cell + 1] - table[cell])
 
     def diffusion_coeff_sq(self, t: Tensor) -> Tensor:

@@ -86,7 +86,15 @@ def init_distributed(device: torch.device, timeout_min: float = 60) -> tuple[Dis
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 timeout=timedelta(minutes=float(timeout_min)))
+    global _control_group  # every rank creates it, in the same order, right after the default group
+    _control_group = dist.new_group(backend="gloo", timeout=timedelta(minutes=float(timeout_min)))
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world), device
+
+
+# A CPU (gloo) group beside the default one for the loop's per-step agreement (stop or go): through nccl, the
+# flag would be a GPU tensor whose value the host must wait for after every step. Made on the CPU too, so the
+# one code path is the tested one.
+_control_group = None
 
 
 def barrier(info: DistInfo) -> None:
@@ -103,8 +111,10 @@ def broadcast_object(obj, info: DistInfo):
 
 
 def cleanup(info: DistInfo) -> None:
+    global _control_group
     if info.enabled and dist.is_initialized():
-        dist.destroy_process_group()
+        dist.destroy_process_group()  # every group, the control group too
+    _control_group = None
 
 
 def all_gather_object(obj, info: DistInfo) -> list:
@@ -116,10 +126,11 @@ def all_gather_object(obj, info: DistInfo) -> list:
     return out
 
 
-def all_reduce_max(value: int, info: DistInfo, device: torch.device) -> int:
-    """The largest `value` over all ranks (every rank gets it); `value` without a process group."""
+def all_reduce_max(value: int, info: DistInfo) -> int:
+    """The largest `value` over all ranks (every rank gets it); `value` without a process group. On the CPU
+    through the control group: it never waits for a GPU."""
     if not info.enabled:
         return value
-    box = torch.tensor([value], device=device)
-    dist.all_reduce(box, op=dist.ReduceOp.MAX)
+    box = torch.tensor([value])
+    dist.all_reduce(box, op=dist.ReduceOp.MAX, group=_control_group)
     return int(box.item())

@@ -14,8 +14,6 @@ import re
 import signal
 import time
 
-import torch
-
 from diffuse.errors import DiffuseError
 from diffuse.training.distributed import DistInfo, all_reduce_max
 
@@ -52,8 +50,8 @@ def parse_max_time(value) -> float | None:
 class StopRequest:
     """Collects stop requests during `with StopRequest(...)`: `check()` after each step says whether to stop."""
 
-    def __init__(self, dist: DistInfo, device: torch.device, max_time_s: float | None = None):
-        self.dist, self.device = dist, device
+    def __init__(self, dist: DistInfo, max_time_s: float | None = None):
+        self.dist = dist
         self.deadline = None if max_time_s is None else time.monotonic() + max_time_s
         self.signum: int | None = None
         self._previous: dict[int, object] = {}
@@ -81,7 +79,7 @@ class StopRequest:
         code = _CODES.get(self.signum, 0)
         if not code and self.deadline is not None and time.monotonic() >= self.deadline:
             code = TIME_BUDGET
-        return all_reduce_max(code, self.dist, self.device)
+        return all_reduce_max(code, self.dist)
 
     @staticmethod
     def describe(code: int) -> str:
