@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Every GPU check in one run, for a session that is lent a GPU for a few minutes (issue 14, item 4):
-#   1. the default `diffuse train` (1000 steps, shapes 32², the grids and the GIF) timed wall-clock, eager and
-#      with trainer.compile=true;
-#   2. benchmarks/train_step.py: our default UNet against diffusers' UNet2DModel, fp32, bf16, bf16 compiled;
-#   3. the CUDA tests (pytest -m cuda).
-# Most important first; each step has its own time limit (560 s in all) so the run ends inside one 10-minute call,
+#   1. the default `diffuse train` (1000 steps, shapes 32², the grids and the GIF) timed wall-clock;
+#   2. benchmarks/train_loop.py: whole training steps of the default run against diffusers' example script's step
+#      on the same layout (images/s, same run), eager, torch.compile's default mode and reduce-overhead (CUDA graphs);
+#   3. the CUDA tests (pytest -m cuda), among them: no training step synchronises with the GPU.
+# Most important first; each step has its own time limit (540 s in all) so the run ends inside one 10-minute call,
 # and every log and JSON goes to $OUT (default /tmp/gpu_checks).
 #
 #   device run:  bash benchmarks/gpu_checks.sh             (carry: .whl — see below)
@@ -45,25 +45,23 @@ cat "$OUT/machine.txt"
 
 if [ "$QUICK" = 1 ]; then
     TRAIN_ARGS="trainer.max_steps=20 trainer.sample_every=0 trainer.final_animation=false trainer.val_every=0"
-    BENCH_ARGS="--batch 8 --resolution 16 --repeats 2"
+    LOOP_ARGS="--steps 12 --window 4"
 else
     TRAIN_ARGS=""
-    BENCH_ARGS=""
+    LOOP_ARGS="--steps 400 --window 50"
 fi
 
 # 1. the default run, as a new user starts it (its log states steps/s and the end-of-run sample time)
-step train_default 100 python3 -m diffuse train device="$DEVICE" $TRAIN_ARGS hydra.run.dir="$OUT/run_default"
-step train_compiled 150 python3 -m diffuse train device="$DEVICE" trainer.compile=true $TRAIN_ARGS \
-    hydra.run.dir="$OUT/run_compiled"
+step train_default 90 python3 -m diffuse train device="$DEVICE" $TRAIN_ARGS hydra.run.dir="$OUT/run_default"
 
-# 2. images/s against diffusers, same run, same inputs
-step train_step_fp32 45 python3 benchmarks/train_step.py --device "$DEVICE" $BENCH_ARGS --out "$OUT/train_step_fp32.json"
+# 2. images/s of whole steps against diffusers, same run: eager, then each compile mode (wall_s: with compiling)
+step train_loop_eager 70 python3 benchmarks/train_loop.py --device "$DEVICE" $LOOP_ARGS --out "$OUT/train_loop_eager.json"
 if [ "$DEVICE" = cuda ]; then
-    step train_step_bf16 45 python3 benchmarks/train_step.py --device cuda --precision bf16 $BENCH_ARGS \
-        --out "$OUT/train_step_bf16.json"
-    step train_step_bf16_compiled 110 python3 benchmarks/train_step.py --device cuda --precision bf16 --compile \
-        $BENCH_ARGS --out "$OUT/train_step_bf16_compiled.json"
+    step train_loop_compiled 130 python3 benchmarks/train_loop.py --device cuda --compile true $LOOP_ARGS \
+        --out "$OUT/train_loop_compiled.json"
+    step train_loop_cudagraphs 130 python3 benchmarks/train_loop.py --device cuda --compile reduce-overhead \
+        $LOOP_ARGS --out "$OUT/train_loop_cudagraphs.json"
     # 3. the tests that only run on a GPU
-    step pytest_cuda 110 python3 -m pytest -q -m cuda -p no:cacheprovider tests
+    step pytest_cuda 120 python3 -m pytest -q -m cuda -p no:cacheprovider tests
 fi
 cat "$OUT/summary.txt"
