@@ -3,7 +3,7 @@ diffusers' example script (examples/unconditional_image_generation/train_uncondi
 layout, data size and precision. Images per second, same run.
 
     python benchmarks/train_loop.py [--device cpu|cuda] [--steps 300] [--window 50] [--compile MODE]
-                                    [--out train_loop.json]
+                                    [--cuda-graphs] [--out train_loop.json]
 
 ours: `python -m diffuse train` with the default config (shapes 32², the default UNet, batch 64, precision
 auto, fused AdamW, EMA, gradient clipping, onecycle LR) and no grids, validation or checkpoints on the way;
@@ -15,7 +15,7 @@ already on the device (its best case: no DataLoader), the same autocast as ours.
 (`loss.detach().item()` for its progress bar after every step: a host sync per step), and with that read only
 once a window, as ours.
 --compile MODE: trainer.compile=MODE for ours and torch.compile(mode=MODE) for diffusers' network (true =
-torch's default mode). Run it on a quiet machine: two busy processes on two cores slow each other several-fold.
+torch's default mode). --cuda-graphs: trainer.cuda_graphs=true for ours (the script has no such option). Run it on a quiet machine: two busy processes on two cores slow each other several-fold.
 """
 
 from __future__ import annotations
@@ -37,13 +37,14 @@ from train_step import peer
 REPO = Path(__file__).resolve().parents[1]
 
 
-def ours(device: str, steps: int, window: int, compile_mode: str) -> dict:
+def ours(device: str, steps: int, window: int, compile_mode: str, cuda_graphs: bool) -> dict:
     """The default `diffuse train` for `steps` steps; images/s per log window from its metrics.jsonl."""
     with tempfile.TemporaryDirectory() as tmp:
         args = [sys.executable, "-m", "diffuse", "train", f"device={device}", f"trainer.max_steps={steps}",
                 f"trainer.log_every={window}", "trainer.val_every=0", "trainer.val_items=0",
                 "trainer.final_samples=false", "trainer.sample_every=0", f"trainer.checkpoint_every={10 * steps}",
-                f"trainer.compile={compile_mode}", "logger=none", f"hydra.run.dir={tmp}/run"]
+                f"trainer.compile={compile_mode}", f"trainer.cuda_graphs={str(cuda_graphs).lower()}", "logger=none",
+                f"hydra.run.dir={tmp}/run"]
         env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
         start = time.perf_counter()
         proc = subprocess.run(args, cwd=tmp, env=env, capture_output=True, text=True)
@@ -119,24 +120,25 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--window", type=int, default=50)
     p.add_argument("--compile", default="false", help="false | true | a torch.compile mode, e.g. reduce-overhead")
+    p.add_argument("--cuda-graphs", action="store_true", help="trainer.cuda_graphs=true for ours")
     p.add_argument("--out", default="train_loop.json")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     settings = default_settings()
-    results = {"diffuse": ours(args.device, args.steps, args.window, args.compile),
+    results = {"diffuse": ours(args.device, args.steps, args.window, args.compile, args.cuda_graphs),
                "diffusers (script: a read per step)": diffusers_step(device, settings, args.steps, args.window,
                                                                      args.compile, read_every_step=True),
                "diffusers (a read per window)": diffusers_step(device, settings, args.steps, args.window,
                                                                args.compile, read_every_step=False)}
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
     print(f"default run: batch {settings['batch']}, {settings['resolution']}², precision {settings['precision']}, "
-          f"compile {args.compile}, {where}; {args.steps} steps, median of windows of {args.window} after the first")
+          f"compile {args.compile}, cuda_graphs {args.cuda_graphs}, {where}; {args.steps} steps, median of windows of {args.window} after the first")
     base = results["diffuse"]["images_per_s"]
     for name, row in results.items():
         print(f"{name:<38}{row['images_per_s']:>10.1f} images/s{base / row['images_per_s']:>8.2f}× (ours/this)")
     with open(args.out, "w") as f:
         json.dump({"settings": settings, "device": where, "steps": args.steps, "window": args.window,
-                   "compile": args.compile, "results": results}, f, indent=2)
+                   "compile": args.compile, "cuda_graphs": args.cuda_graphs, "results": results}, f, indent=2)
     print(f"wrote {args.out}")
     return 0
 

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from diffuse.diffusion.guidance import is_guided
 from diffuse.errors import DiffuseError
+from diffuse.training.loop import COMPILE_MODES
 from diffuse.training.stopping import parse_max_time
 
 SPACINGS = ("auto", "linspace", "leading", "trailing", "karras", "logsnr")
@@ -123,7 +124,8 @@ TRAINER = {
     "weight_decay": Float(0), "betas": Rule("pair", 0, 1, open_hi=True), "ema_decay": Float(0, 1, open_hi=True),
     "ema_warmup": BOOL, "grad_clip": Float(0, open_lo=True, nullable=True),
     "precision": Choice("fp32", "bf16", "fp16", "auto"),
-    "compile": BOOL, "channels_last": Choice("auto", True, False), "cond_drop_prob": Float(0, 1, open_hi=True),
+    "compile": Choice(True, False, *COMPILE_MODES), "cuda_graphs": Choice("auto", True, False),
+    "channels_last": Choice("auto", True, False), "cond_drop_prob": Float(0, 1, open_hi=True),
     "log_every": Int(1), "checkpoint_every": Int(1), "keep_checkpoints": Int(0, nullable=True),
     "max_nonfinite_steps": Int(1), "sample_every": Int(0), "sample_steps": Int(1, nullable=True, auto=True),
     "num_sample_images": Int(1, auto=True), "grid_max_columns": Int(1), "final_samples": BOOL, "final_animation": BOOL, "val_every": Int(0), "val_items": Int(0),

@@ -38,3 +38,15 @@ def test_guidance_shapes_trains_its_own_run_without_a_checkpoint(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "training 2 steps" in proc.stdout and len(json.loads(out.read_text())["rows"]) == 1
+
+
+def test_train_loop_times_the_default_run_against_the_diffusers_script_step(tmp_path):
+    """benchmarks/train_loop.py at 4 steps in windows of 2: images/s per window for each of the three rows."""
+    out = tmp_path / "loop.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "train_loop.py"), "--device", "cpu",
+                           "--steps", "4", "--window", "2", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    results = json.loads(out.read_text())["results"]
+    assert len(results) == 3 and all(len(r["windows"]) == 2 and r["images_per_s"] > 0 for r in results.values())
+    assert json.loads(out.read_text())["settings"]["batch"] == 64  # the default run's, read from its config

@@ -25,6 +25,7 @@ from diffuse.training.checkpoint import (mark_run, non_finite, prune_checkpoints
                                          set_rng_state)
 from diffuse.training.distributed import DistInfo, all_gather_object, barrier
 from diffuse.training.ema import EMA
+from diffuse.training.graphs import GraphedNetwork, use_cuda_graphs
 from diffuse.training.nonfinite import NonFiniteSteps
 from diffuse.training.stopping import TIME_BUDGET, Interrupted, StopRequest, parse_max_time
 
@@ -216,9 +217,13 @@ class Trainer:
             model.to(memory_format=torch.channels_last)  # before the EMA copy and the optimizer see the weights
         self.ema = EMA(model, decay=tcfg.ema_decay, warmup=tcfg.ema_warmup)
         self.model = compile_model(model, tcfg.compile)
+        self.cuda_graphs = use_cuda_graphs(tcfg.get("cuda_graphs", False), device, self.model is not model,
+                                           dist.world_size, cfg.grad_accum_steps)
         if dist.enabled:
             self.model = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[device.index] if device.type == "cuda" else None)
+        # what the loss calls: the (compiled, DDP-wrapped) network, or its recorded CUDA graphs
+        self.network = GraphedNetwork(model) if self.cuda_graphs else self.model
         self.optimizer = build_optimizer(model, tcfg.lr, tcfg.weight_decay, tcfg.betas)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, tcfg.lr_schedule, cfg.max_steps, tcfg.lr,
                                                tcfg.warmup_steps, tcfg.pct_start, tcfg.min_lr_ratio)
@@ -357,7 +362,8 @@ class Trainer:
     def _autocast(self):
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+        # recording CUDA graphs needs autocast without its cast cache (the weights are cast inside the graph)
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype, cache_enabled=not self.cuda_graphs)
 
     def train_step(self, batches) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One optimizer step over `batches` [(x0, y), …] (grad_accum_steps micro-batches; under DDP the
@@ -373,7 +379,7 @@ class Trainer:
             sync = i == len(batches) - 1 or not hasattr(self.model, "no_sync")
             with contextlib.nullcontext() if sync else self.model.no_sync():
                 with self._autocast():
-                    loss = self.loss_fn(self.model, self.schedule, x0, y, self.loss_generator) / len(batches)
+                    loss = self.loss_fn(self.network, self.schedule, x0, y, self.loss_generator) / len(batches)
                 self.scaler.scale(loss).backward()
             total += loss.detach()
         self.scaler.unscale_(self.optimizer)  # fp16: also records the scaler's own inf check, for update()
