@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -43,6 +44,20 @@ def requires_cuda(test):
     (CI has none): the GPU twin of a CPU test, kept in the same file."""
     skip = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
     return pytest.mark.cuda(skip(test))
+
+
+def straight_and_resumed(tmp_path: Path, overrides: list[str], at_step: int) -> tuple[Path, Path]:
+    """`diffuse train overrides` straight through in tmp_path/straight; then what an interrupted run leaves (its
+    step-`at_step` checkpoint as last.ckpt in tmp_path/interrupted) resumed to the end. Returns both folders."""
+    from diffuse.jobs import train as train_job
+
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    train_job.run(compose_cfg("train", overrides), straight, [])
+    (interrupted / "checkpoints").mkdir(parents=True)
+    shutil.copy(straight / "checkpoints" / f"step_{at_step}.ckpt", interrupted / "checkpoints" / "last.ckpt")
+    train_job.run(compose_cfg("train", [*overrides, f"resume={interrupted}"]), tmp_path / "ignored",
+                  [f"resume={interrupted}"])
+    return straight, interrupted
 
 
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:

@@ -4,7 +4,6 @@ graphed run trains as the eager one does, resumes exactly, and never synchronise
 from __future__ import annotations
 
 import logging
-import shutil
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ from diffuse.training import graphs
 from diffuse.training.checkpoint import load_checkpoint
 from diffuse.training.graphs import GraphedNetwork, use_cuda_graphs
 
-from conftest import CUDA_TINY, TINY, compose_cfg, requires_cuda
+from conftest import CUDA_TINY, TINY, compose_cfg, requires_cuda, straight_and_resumed
 
 CUDA = torch.device("cuda")
 
@@ -73,7 +72,8 @@ def test_the_wrapper_records_once_on_copies_and_runs_other_shapes_eagerly(monkey
     for _ in range(3):
         torch.testing.assert_close(graphed(x, t, y), net(x, t, y))
     (module, sample), = calls  # recorded once, on the first call
-    assert len(sample) == 3 and all(torch.equal(a, b) and a.data_ptr() != b.data_ptr() for a, b in zip(sample, (x, t, y)))
+    assert len(sample) == 3
+    assert all(torch.equal(a, b) and a.data_ptr() != b.data_ptr() for a, b in zip(sample, (x, t, y)))
     assert module.net is net
     torch.testing.assert_close(graphed(x[:2], t[:2], y[:2]), net(x[:2], t[:2], y[:2]))  # another batch size
     assert len(calls) == 1
@@ -114,14 +114,9 @@ def test_a_graphed_run_trains_as_the_eager_one(tmp_path, caplog):
 @requires_cuda
 def test_a_graphed_run_resumes_as_it_would_have_gone_on(tmp_path):
     """Recording again at step 5 of the resumed run draws nothing from the generators the run uses."""
-    common = [*CUDA_TINY, "trainer.max_steps=8", "trainer.checkpoint_every=4", "model.dropout=0.1",
-              "trainer.cuda_graphs=true"]
-    train_job.run(compose_cfg("train", common), tmp_path / "straight", [])
-    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
-    (interrupted / "checkpoints").mkdir(parents=True)
-    shutil.copy(straight / "checkpoints" / "step_4.ckpt", interrupted / "checkpoints" / "last.ckpt")
-    train_job.run(compose_cfg("train", common + [f"resume={interrupted}"]), tmp_path / "ignored",
-                  [f"resume={interrupted}"])
+    overrides = [*CUDA_TINY, "trainer.max_steps=8", "trainer.checkpoint_every=4", "model.dropout=0.1",
+                 "trainer.cuda_graphs=true"]
+    straight, interrupted = straight_and_resumed(tmp_path, overrides, at_step=4)
     a, b = _weights(straight), _weights(interrupted)
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4, msg=key)

@@ -18,7 +18,7 @@ from diffuse.training.checkpoint import latest_run, load_checkpoint, mark_run, s
 from diffuse.training.ema import EMA
 from diffuse.training.loop import build_lr_scheduler
 
-from conftest import CUDA_TINY, TINY, compose_cfg, requires_cuda
+from conftest import CUDA_TINY, TINY, compose_cfg, requires_cuda, straight_and_resumed
 
 
 def _train(tmp_path, name, overrides, extra_cli=()):
@@ -64,13 +64,8 @@ def test_resume_is_exact(tmp_path):
 def test_resume_on_cuda_matches_the_uninterrupted_run(tmp_path):
     """8 steps straight against 4 + resume + 4, on the GPU: same data order, RNG and optimizer state; equal up
     to the non-determinism of CUDA kernels (atomics in convolution backward), so compared with a tolerance."""
-    common = [*CUDA_TINY, "trainer.max_steps=8", "trainer.checkpoint_every=4", "model.dropout=0.1"]
-    train_job.run(compose_cfg("train", common), tmp_path / "straight", [])
-    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
-    (interrupted / "checkpoints").mkdir(parents=True)
-    shutil.copy(straight / "checkpoints" / "step_4.ckpt", interrupted / "checkpoints" / "last.ckpt")
-    train_job.run(compose_cfg("train", common + [f"resume={interrupted}"]), tmp_path / "ignored",
-                  [f"resume={interrupted}"])
+    straight, interrupted = straight_and_resumed(
+        tmp_path, [*CUDA_TINY, "trainer.max_steps=8", "trainer.checkpoint_every=4", "model.dropout=0.1"], at_step=4)
     a = load_checkpoint(straight / "checkpoints" / "last.ckpt")
     b = load_checkpoint(interrupted / "checkpoints" / "last.ckpt")
     assert a["step"] == b["step"] == 8
