@@ -26,6 +26,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
+from diffuse.devices import to_device
 from diffuse.diffusion.objectives import eps_to_x0
 from diffuse.diffusion.schedules import GRID_SIGMA_MAX, Schedule
 
@@ -43,7 +44,7 @@ class NoiseSource:
     def randn(self, sample_shape: Sequence[int]) -> Tensor:
         """[len(seeds), *sample_shape] standard normal, fp32, on `device`."""
         rows = [torch.randn(tuple(sample_shape), generator=g) for g in self.generators]
-        return torch.stack(rows).to(self.device)
+        return to_device(torch.stack(rows), self.device)  # queued: the host draws the next step's meanwhile
 
     def randn_like(self, x: Tensor) -> Tensor:
         return self.randn(x.shape[1:]).to(dtype=x.dtype)
