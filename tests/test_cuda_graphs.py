@@ -39,6 +39,18 @@ def test_cuda_graphs_true_on_the_cpu_is_one_line_before_training(tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_vae_training_takes_no_cuda_graphs(tmp_path):
+    """The VAE's loss calls its network in its own way: `auto` leaves graphs off there, `true` is one line."""
+    from diffuse.jobs import train_vae
+    args = ["dataset.resolution=8", "dataset.size=64", "logger=none", "device=cpu", "vae.channels=8",
+            "vae.channel_mult=[1,2]", "trainer.max_steps=1", "trainer.batch_size=8", "trainer.sample_every=0",
+            "scale_batches=1", "trainer.final_samples=false"]
+    summary = train_vae.run(compose_cfg("train_vae", [*args, "trainer.cuda_graphs=auto"]), tmp_path / "auto", [])
+    assert summary["step"] == 1
+    with pytest.raises(DiffuseError, match="cuda_graphs=true is for `diffuse train`, not `diffuse train-vae`"):
+        train_vae.run(compose_cfg("train_vae", [*args, "trainer.cuda_graphs=true"]), tmp_path / "true", [])
+
+
 class _Net(torch.nn.Module):
     def __init__(self):
         super().__init__()

@@ -217,8 +217,13 @@ class Trainer:
             model.to(memory_format=torch.channels_last)  # before the EMA copy and the optimizer see the weights
         self.ema = EMA(model, decay=tcfg.ema_decay, warmup=tcfg.ema_warmup)
         self.model = compile_model(model, tcfg.compile)
-        self.cuda_graphs = use_cuda_graphs(tcfg.get("cuda_graphs", False), device, self.model is not model,
-                                           dist.world_size, cfg.grad_accum_steps)
+        graphs = tcfg.get("cuda_graphs", False)
+        if kind != "diffusion":  # GraphedNetwork is called as net(x, t, y); the VAE's loss calls it otherwise
+            if graphs is True:
+                raise DiffuseError("trainer.cuda_graphs=true is for `diffuse train`, not `diffuse train-vae`")
+            graphs = False
+        self.cuda_graphs = use_cuda_graphs(graphs, device, self.model is not model, dist.world_size,
+                                           cfg.grad_accum_steps)
         if dist.enabled:
             self.model = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[device.index] if device.type == "cuda" else None)
