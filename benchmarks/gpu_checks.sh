@@ -48,7 +48,7 @@ cat "$OUT/machine.txt"
 
 if [ "$QUICK" = 1 ]; then
     TRAIN_ARGS="trainer.max_steps=20 trainer.sample_every=0 trainer.final_animation=false trainer.val_every=0"
-    LOOP_ARGS="--steps 12 --window 4"
+    LOOP_ARGS="--steps 6 --window 2"
 else
     TRAIN_ARGS=""
     LOOP_ARGS="--steps 300 --window 50"
