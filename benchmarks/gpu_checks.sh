@@ -3,11 +3,11 @@
 #   1. the default `diffuse train` (1000 steps, shapes 32², the grids and the GIF) timed wall-clock, eager and
 #      with trainer.cuda_graphs=true;
 #   2. benchmarks/train_loop.py: whole training steps of the default run against diffusers' example script's step
-#      on the same layout (images/s, same run): eager, CUDA graphs, then torch.compile's default mode and
-#      reduce-overhead;
-#   3. the CUDA tests (pytest -m cuda, before the compile runs), among them: no training step synchronises with
+#      on the same layout (images/s, same run): eager, CUDA graphs (and, last, torch.compile's default mode);
+#      benchmarks/profile_step.py: GPU busy time against wall time per step, eager and graphed;
+#   3. the CUDA tests (pytest -m cuda, before the compile run), among them: no training step synchronises with
 #      the GPU, a graphed run trains as the eager one and resumes exactly.
-# Most important first; each step has its own time limit (570 s in all) so the run ends inside one 10-minute call,
+# Most important first; each step has its own time limit (550 s in all) so the run ends inside one 10-minute call,
 # and every log and JSON goes to $OUT (default /tmp/gpu_checks).
 #
 #   device run:  bash benchmarks/gpu_checks.sh             (carry: .whl — see below)
@@ -68,11 +68,11 @@ step train_loop_eager 60 python3 benchmarks/train_loop.py --device "$DEVICE" $LO
 if [ "$DEVICE" = cuda ]; then
     step train_loop_graphs 60 python3 benchmarks/train_loop.py --device cuda --cuda-graphs $LOOP_ARGS \
         --out "$OUT/train_loop_graphs.json"
+    # GPU busy time against wall time per step, kernels and launches per step: eager, then graphed
+    step profile_step 50 python3 benchmarks/profile_step.py --device cuda --out "$OUT/profile_step.json"
     # 3. the tests that only run on a GPU (graphs against eager, no syncs, resume, …)
     step pytest_cuda 150 python3 -m pytest -q -m cuda -p no:cacheprovider tests
-    step train_loop_compiled 100 python3 benchmarks/train_loop.py --device cuda --compile true $LOOP_ARGS \
+    step train_loop_compiled 90 python3 benchmarks/train_loop.py --device cuda --compile true $LOOP_ARGS \
         --out "$OUT/train_loop_compiled.json"
-    step train_loop_reduce_overhead 60 python3 benchmarks/train_loop.py --device cuda --compile reduce-overhead \
-        $LOOP_ARGS --out "$OUT/train_loop_reduce_overhead.json"
 fi
 cat "$OUT/summary.txt"

@@ -50,3 +50,14 @@ def test_train_loop_times_the_default_run_against_the_diffusers_script_step(tmp_
     results = json.loads(out.read_text())["results"]
     assert len(results) == 3 and all(len(r["windows"]) == 2 and r["images_per_s"] > 0 for r in results.values())
     assert json.loads(out.read_text())["settings"]["batch"] == 64  # the default run's, read from its config
+
+
+def test_profile_step_measures_the_default_step(tmp_path):
+    """benchmarks/profile_step.py on the CPU: the default run's Trainer, wall time per step (no GPU columns)."""
+    out = tmp_path / "profile.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "profile_step.py"), "--device", "cpu",
+                           "--steps", "2", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    results = json.loads(out.read_text())["results"]
+    assert list(results) == ["eager"] and results["eager"]["wall_ms_per_step"] > 0
