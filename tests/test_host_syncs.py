@@ -18,7 +18,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from diffuse.jobs import train as train_job
 from diffuse.training.loop import Trainer
 
-from conftest import CUDA_TINY, SHARED_DATA, TINY, compose_cfg, requires_cuda
+from conftest import (CUDA_TINY, MSNAT, SHARED_DATA, SHUFFLENET, SPATIAL_TRANSFORMER, TINY, compose_cfg,
+                      requires_cuda)
 
 HOST_READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
               torch.ops.aten.masked_select.default}
@@ -100,6 +101,14 @@ def test_no_training_step_reads_a_device_value_on_the_host(tmp_path, monkeypatch
     tiny = TINY if dataset == "shapes" else [o for o in TINY if not o.startswith("dataset.")] + [
         "dataset=mnist", f"dataset.root={SHARED_DATA}", "dataset.hflip=true"]  # the in-memory images, flipped
     _check(_reads_per_step(monkeypatch, tmp_path, [*tiny, *REPORTING], cuda=False))
+
+
+@pytest.mark.parametrize("family", ["msnat", "shufflenet", "spatial_transformer"])
+def test_no_model_family_reads_a_device_value_in_its_training_step(tmp_path, monkeypatch, family):
+    """The other networks (the UNet is above): MSNAT's neighborhood attention, ShuffleNet, the transformer."""
+    model = {"msnat": MSNAT, "shufflenet": SHUFFLENET, "spatial_transformer": SPATIAL_TRANSFORMER}[family]
+    tiny = [o for o in TINY if not o.startswith(("dataset.resolution", "model."))]
+    _check(_reads_per_step(monkeypatch, tmp_path, [*tiny, *model, *REPORTING], cuda=False))
 
 
 @requires_cuda
