@@ -65,17 +65,13 @@ def measure(trainer, steps: int) -> dict:
 
 def profile_run(device: str, cuda_graphs: bool, steps: int) -> dict:
     """The default run's Trainer, measured in place of its fit()."""
-    from hydra import compose, initialize_config_dir
-
-    from diffuse.app import CONF_DIR, _register_resolvers
+    from diffuse.app import compose_config
     from diffuse.jobs import train as train_job
     from diffuse.training.loop import Trainer
 
-    _register_resolvers()
-    overrides = [f"device={device}", f"trainer.cuda_graphs={str(cuda_graphs).lower()}", "logger=none",
-                 "trainer.final_samples=false", "trainer.sample_every=0", "trainer.val_items=0"]
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides)
+    cfg = compose_config("train", [f"device={device}", f"trainer.cuda_graphs={str(cuda_graphs).lower()}",
+                                   "logger=none", "trainer.final_samples=false", "trainer.sample_every=0",
+                                   "trainer.val_items=0"])
     result = {}
     original = Trainer.fit
 

@@ -59,17 +59,13 @@ QUICK = [c for c in CONFIGS if c[2] in (10, 11, 1000) and not c[0].endswith("cli
 
 # ----- the checkpoint ------------------------------------------------------------------------------------------
 def train_small(steps: int, extra: list[str]) -> Path:
-    from hydra import compose, initialize_config_dir
-
-    from diffuse.app import CONF_DIR, _register_resolvers
+    from diffuse.app import compose_config
     from diffuse.jobs import train as train_job
 
-    _register_resolvers()
     overrides = ["dataset.resolution=16", "model.base_channels=32", "model.channel_mult=[1,2]",
                  f"trainer.max_steps={steps}", "trainer.batch_size=64", "trainer.sample_every=0", "logger=none",
                  f"trainer.checkpoint_every={steps}", "trainer.log_every=100", *extra]
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides)
+    cfg = compose_config("train", overrides)
     run_dir = Path(tempfile.mkdtemp(prefix="sampler_quality_"))
     print(f"training {steps} steps of a small UNet on 2-D shapes 16×16 into {run_dir} {' '.join(extra)}…",
           flush=True)

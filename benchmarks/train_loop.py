@@ -15,7 +15,8 @@ already on the device (its best case: no DataLoader), the same autocast as ours.
 (`loss.detach().item()` for its progress bar after every step: a host sync per step), and with that read only
 once a window, as ours.
 --compile MODE: trainer.compile=MODE for ours and torch.compile(mode=MODE) for diffusers' network (true =
-torch's default mode). --cuda-graphs: trainer.cuda_graphs=true for ours (the script has no such option). Run it on a quiet machine: two busy processes on two cores slow each other several-fold.
+torch's default mode). --cuda-graphs: trainer.cuda_graphs=true for ours (the script has no such option).
+Run it on a quiet machine: two busy processes on two cores slow each other several-fold.
 """
 
 from __future__ import annotations
@@ -58,13 +59,9 @@ def ours(device: str, steps: int, window: int, compile_mode: str, cuda_graphs: b
 
 def default_settings() -> dict:
     """Batch, resolution, channels, classes and precision of the default run (from its config)."""
-    from hydra import compose, initialize_config_dir
+    from diffuse.app import compose_config
 
-    from diffuse.app import CONF_DIR, _register_resolvers
-
-    _register_resolvers()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="train")
+    cfg = compose_config("train")
     return {"batch": cfg.trainer.batch_size, "resolution": cfg.dataset.resolution, "channels": cfg.dataset.channels,
             "num_classes": cfg.dataset.num_classes, "precision": cfg.trainer.precision}
 
@@ -82,7 +79,8 @@ def diffusers_step(device: torch.device, settings: dict, steps: int, window: int
     ema = EMAModel(model.parameters(), decay=0.999, use_ema_warmup=True, inv_gamma=1.0, power=0.75,
                    model_cls=type(model), model_config=model.config)
     ema.to(device)
-    net = model if compile_mode == "false" else torch.compile(model, mode=None if compile_mode == "true" else compile_mode)
+    mode = None if compile_mode == "true" else compile_mode
+    net = model if compile_mode == "false" else torch.compile(model, mode=mode)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.999), weight_decay=0.0, eps=1e-8)
     lr_scheduler = get_scheduler("cosine", optimizer=optimizer, num_warmup_steps=0, num_training_steps=steps)
     noise_scheduler = DDPMScheduler(num_train_timesteps=1000)
@@ -132,7 +130,8 @@ def main(argv=None) -> int:
                                                                args.compile, read_every_step=False)}
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
     print(f"default run: batch {settings['batch']}, {settings['resolution']}², precision {settings['precision']}, "
-          f"compile {args.compile}, cuda_graphs {args.cuda_graphs}, {where}; {args.steps} steps, median of windows of {args.window} after the first")
+          f"compile {args.compile}, cuda_graphs {args.cuda_graphs}, {where}; {args.steps} steps, median of windows "
+          f"of {args.window} after the first")
     base = results["diffuse"]["images_per_s"]
     for name, row in results.items():
         print(f"{name:<38}{row['images_per_s']:>10.1f} images/s{base / row['images_per_s']:>8.2f}× (ours/this)")

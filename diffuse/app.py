@@ -92,6 +92,14 @@ def _register_resolvers() -> None:
             else f".hydra/resume-{datetime.now():%Y-%m-%d_%H-%M-%S}")
 
 
+def compose_config(config_name: str, overrides: list[str] = ()) -> DictConfig:
+    """The config `diffuse <command> overrides` would compose, in this process (benchmarks and tests build a
+    job from it): no run folder, no validation."""
+    _register_resolvers()
+    with hydra.initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return hydra.compose(config_name=config_name, overrides=list(overrides))
+
+
 def optimized_value(summary, name: str | None, required: bool):
     """What a job returns to Hydra: the float its sweeper optimises (`optimized_metric`), else None; a
     sweeper that optimises (`required`) gets an error for a value the job did not produce."""

@@ -12,9 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
-from diffuse.app import CONF_DIR, _register_resolvers
+from diffuse.app import compose_config
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -67,9 +66,7 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 def compose_cfg(name: str, overrides: list[str]):
-    _register_resolvers()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose(config_name=name, overrides=overrides)
+    return compose_config(name, overrides)
 
 
 def run_cli(args: list[str], cwd: Path, timeout: float = 300, env: dict | None = None,
