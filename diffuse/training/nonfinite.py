@@ -29,8 +29,8 @@ class NonFiniteSteps:
         self._streak = zero()       # skipped steps in a row up to now
         self._start = zero()        # the step the current streak began at, and its loss and grad norm
         self._start_loss, self._start_grad = zero(torch.float32), zero(torch.float32)
-        self._tripped = zero(torch.bool)   # a streak has reached `limit`: the step, loss, grad norm it began with
-        self._tripped_at, self._tripped_loss, self._tripped_grad = zero(), zero(torch.float32), zero(torch.float32)
+        # the first streak to reach `limit`: the step it began at (−1: none yet), its loss and grad norm there
+        self._tripped_at, self._tripped_loss, self._tripped_grad = zero() - 1, zero(torch.float32), zero(torch.float32)
 
     def record(self, step: int, taken: Tensor, loss: Tensor, grad_norm: Tensor) -> None:
         """After step number `step`; taken: 0-d bool on the device (False = skipped)."""
@@ -41,8 +41,7 @@ class NonFiniteSteps:
         self._start.copy_(torch.where(begins, step, self._start))
         self._start_loss.copy_(torch.where(begins, loss.float(), self._start_loss))
         self._start_grad.copy_(torch.where(begins, grad_norm.float(), self._start_grad))
-        trips = (self._streak == self.limit) & ~self._tripped
-        self._tripped |= trips
+        trips = (self._streak == self.limit) & (self._tripped_at < 0)
         self._tripped_at.copy_(torch.where(trips, self._start, self._tripped_at))
         self._tripped_loss.copy_(torch.where(trips, self._start_loss, self._tripped_loss))
         self._tripped_grad.copy_(torch.where(trips, self._start_grad, self._tripped_grad))
@@ -51,7 +50,7 @@ class NonFiniteSteps:
         """All skipped steps so far (this waits for the device). Raises once `limit` were skipped in a row."""
         self.reported += int(self._skipped)
         self._skipped.zero_()
-        if bool(self._tripped):
+        if int(self._tripped_at) >= 0:
             loss, grad = float(self._tripped_loss), float(self._tripped_grad)
             what = f"loss became {loss}" if not math.isfinite(loss) else f"gradient became {grad} (loss {loss:.4g})"
             raise DiffuseError(f"{what} at step {int(self._tripped_at)}, {self.limit} steps in a row "
