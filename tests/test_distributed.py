@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -129,3 +130,42 @@ def test_slurm_hostnames():
     from diffuse.training.distributed import slurm_hostnames
     assert slurm_hostnames("gpu[01-03,07],login2") == ["gpu01", "gpu02", "gpu03", "gpu07", "login2"]
     assert slurm_hostnames("node5") == ["node5"] and slurm_hostnames("a[9-11]") == ["a9", "a10", "a11"]
+
+
+@pytest.mark.slow
+def test_sample_evaluate_and_export_under_torchrun_split_the_work_and_write_once(tmp_path):
+    """torchrun sample / evaluate: each process draws a share of whole batches, rank 0 joins them and writes
+    one run folder with the one-process samples and metrics (to float rounding: other processes); rank 1
+    writes nothing anywhere; export is rank 0's alone."""
+    proc = run_cli(["train", *TINY, "trainer.max_steps=3"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (ckpt,) = tmp_path.glob("outputs/*/*/checkpoints/last.ckpt")
+    launcher = [*TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", "diffuse"]
+    jobs = {"sample": ["sample", f"checkpoint={ckpt}", "num_samples=10", "batch_size=3", "sampler.steps=4",
+                       "--animation", "animation.frames=3"],
+            "evaluate": ["evaluate", f"checkpoint={ckpt}", "num_samples=20", "batch_size=6", "sampler=ddim",
+                         "sampler.steps=3", "save_samples=true"],
+            "export": ["export", f"checkpoint={ckpt}"]}
+    folders = {}
+    for name, args in jobs.items():
+        for how in ("one", "two"):
+            cwd = tmp_path / f"{name}-{how}"
+            cwd.mkdir()
+            proc = run_cli(args, cwd, launcher=launcher if how == "two" else None)
+            assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+            assert [p.name for p in cwd.iterdir()] == ["outputs"]  # nothing written beside it by rank 1
+            (folders[name, how],) = cwd.glob("outputs/*/*")  # one run folder
+            if how == "two" and name != "export":  # rank 0's bar, over its share
+                assert proc.stderr.count("[process 0 of 2; ") and "process 1 of" not in proc.stderr
+    for name in ("sample", "evaluate"):
+        one, two = (np.load(folders[name, how] / "samples.npz") for how in ("one", "two"))
+        assert one["x"].shape == two["x"].shape == ((12 if name == "sample" else 20), 1, 8, 8)
+        np.testing.assert_allclose(two["x"], one["x"], atol=1e-5, rtol=0)
+        assert np.array_equal(one["y"], two["y"])
+    for how in ("one", "two"):
+        assert {p.name for p in folders["sample", how].iterdir()} >= {"samples.npz", "grid.png", "animation.gif"}
+    one, two = (json.loads((folders["evaluate", how] / "metrics.json").read_text()) for how in ("one", "two"))
+    assert two["num_samples"] == 20 and two["fd"] == pytest.approx(one["fd"], rel=1e-4, abs=1e-6)
+    assert two["label_agreement"] == one["label_agreement"]
+    assert sorted(p.name for p in folders["export", "two"].iterdir()) == \
+        sorted(p.name for p in folders["export", "one"].iterdir())

@@ -37,6 +37,15 @@ def progress_bar(total_samples: int, steps: int, desc: str, **kwargs):
                 unit="sample-step", dynamic_ncols=True, **kwargs)
 
 
+def share(num_samples: int, batch_size: int, rank: int = 0, world: int = 1) -> range:
+    """The samples process `rank` of `world` draws: a contiguous run of whole batches of batch_size, the same
+    batches one process would draw (so the same samples, bit for bit, on the same machine), at most one batch
+    more than another process's share. Empty where there are fewer batches than processes."""
+    batches = -(-num_samples // batch_size)
+    first, stop = batches * rank // world, batches * (rank + 1) // world
+    return range(min(num_samples, first * batch_size), min(num_samples, stop * batch_size))
+
+
 @dataclass
 class Generated:
     x: Tensor                      # [N, C, *spatial] fp32 on CPU
@@ -44,6 +53,15 @@ class Generated:
     times: list[float] | None      # trajectory times (x_T first) when asked
     states: list[Tensor] | None    # [K] × [N, C, *spatial]
     nfe: int = 0
+
+    @staticmethod
+    def cat(parts: Sequence[Generated]) -> Generated:
+        """Consecutive draws (shares of the processes, in rank order) as one; empty shares are left out."""
+        parts = [p for p in parts if len(p.x)] or list(parts[:1])
+        states = None if parts[0].states is None else [torch.cat(s) for s in zip(*(p.states for p in parts))]
+        y = None if parts[0].y is None else torch.cat([p.y for p in parts])
+        return Generated(x=torch.cat([p.x for p in parts]), y=y, times=parts[0].times, states=states,
+                         nfe=max(p.nfe for p in parts))
 
 
 @torch.no_grad()
@@ -74,7 +92,8 @@ def generate(model, schedule, sampler: Sampler, sample_shape: Sequence[int], num
             states = traj.states if states is None else [torch.cat([a, b]) for a, b in zip(states, traj.states)]
         if progress is not None:
             progress(stop - start)
-    return Generated(x=torch.cat(xs), y=labels, times=times, states=states, nfe=nfe)
+    x = torch.cat(xs) if xs else torch.empty(0, *sample_shape)  # an empty share of a parallel draw
+    return Generated(x=x, y=labels, times=times, states=states, nfe=nfe)
 
 
 @dataclass
@@ -100,20 +119,29 @@ class SamplingPlan:
         return sampler_steps(self.sampler, self.schedule)
 
     def __call__(self, model, num_samples: int, labels: Tensor | None = None, trajectory: int | bool = False,
-                 step_progress=None) -> Generated:
+                 step_progress=None, samples: range | None = None) -> Generated:
+        """The samples (of labels[i] when given); only those of `samples` (a range of indices, e.g. a share)
+        when given, each with the seed it has in the whole draw."""
+        if samples is not None:
+            num_samples, labels = len(samples), None if labels is None else labels[samples.start:samples.stop]
         return generate(model, self.schedule, self.sampler, self.sample_shape, num_samples, labels=labels,
-                        seed=self.seed, batch_size=self.batch_size, prediction=self.prediction,
-                        guidance_scale=self.guidance_scale, device=self.device, trajectory=trajectory,
-                        autocast_dtype=self.autocast_dtype, step_progress=step_progress)
+                        seed=self.seed + (samples.start if samples else 0), batch_size=self.batch_size,
+                        prediction=self.prediction, guidance_scale=self.guidance_scale, device=self.device,
+                        trajectory=trajectory, autocast_dtype=self.autocast_dtype, step_progress=step_progress)
 
     def with_progress(self, model, num_samples: int, labels: Tensor | None = None, trajectory: int | bool = False,
-                      desc: str = "samples", leave: bool = True) -> tuple[Generated, float]:
-        """The samples drawn under a progress bar over samples × steps, and the seconds they took."""
+                      desc: str = "samples", leave: bool = True, rank: int = 0,
+                      world: int = 1) -> tuple[Generated, float]:
+        """The samples drawn under a progress bar over samples × steps, and the seconds they took. With
+        world > 1, only process `rank`'s share of them (see `share`); the bar is rank 0's, over its share."""
         n = num_samples if labels is None else len(labels)
-        bar = progress_bar(n, self.steps, desc, leave=leave)
+        mine = share(n, self.batch_size, rank, world)
+        if world > 1:
+            desc = f"{desc} [process 0 of {world}; {n} samples in all]"
+        bar = progress_bar(len(mine), self.steps, desc, leave=leave, disable=rank > 0)
         start = time.perf_counter()
         try:
-            out = self(model, num_samples, labels, trajectory, step_progress=bar.update)
+            out = self(model, num_samples, labels, trajectory, step_progress=bar.update, samples=mine)
         finally:
             bar.close()
         return out, time.perf_counter() - start

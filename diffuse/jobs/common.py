@@ -37,18 +37,20 @@ def build_dataset(cfg: DictConfig, device: torch.device | None = None):
     return dataset
 
 
-def on_rank0(fn: Callable, dist):
-    """fn() on rank 0, its result (or its one-line error) on every rank."""
-    outcome = None
+def on_rank0(fn: Callable, dist, share: bool = True):
+    """fn() on rank 0, its result (or its one-line error) on every rank; share=False: the result stays on
+    rank 0 (the others get None) and only an error travels."""
+    outcome = result = None
     if dist.is_main:
         try:
-            outcome = ("ok", fn())
+            result = fn()
+            outcome = ("ok", result if share else None)
         except DiffuseError as e:
             outcome = ("error", str(e))
     kind, value = broadcast_object(outcome, dist)
     if kind == "error":
         raise DiffuseError(value)
-    return value
+    return value if share else result
 
 
 def run_trainer_process(cfg: DictConfig, run_dir: Path, overrides: list[str], kind: str, train: Callable) -> dict:

@@ -6,7 +6,8 @@ against the pixel data). Metrics (diffuse/metrics.py): FD on fixed random-conv f
 real-vs-real floor at the same count, label agreement for conditional models, the off-range fraction and
 the brightness statistics; with `metrics=[fd,fid,kid,prc]` also Inception FID, KID and precision/recall
 through torch-fidelity (diffuse/fidelity.py; 2-D grey/RGB only, weights from a local file, never downloaded).
-Writes metrics.json (and samples.npz with save_samples) into its run dir.
+Writes metrics.json (and samples.npz with save_samples) into its run dir. Under torchrun each process draws a
+share of the samples and rank 0 scores them (see jobs/sampling.py).
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ from diffuse.data.latent import is_latent_run
 from diffuse.diffusion.generation import class_labels
 from diffuse.diffusion.guidance import guidance_note
 from diffuse.errors import DiffuseError
-from diffuse.jobs.common import report
-from diffuse.jobs.sampling import open_run
+from diffuse.jobs.common import on_rank0, report
+from diffuse.jobs.sampling import open_run, sampling_processes
+from diffuse.training.distributed import DistInfo
 
 
 def reference_dataset(saved: DictConfig, split: str | None, data_root: str | None):
@@ -95,30 +97,41 @@ def metric_names(value) -> tuple[bool, tuple[str, ...]]:
 
 
 def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> dict:
-    with torch.inference_mode():
-        return _run(cfg, Path(run_dir))
+    with sampling_processes(cfg, Path(run_dir)) as (dist, device, run_dir), torch.inference_mode():
+        return _run(cfg, run_dir, device, dist)
 
 
-def _run(cfg: DictConfig, run_dir: Path) -> dict:
+def reference(cfg: DictConfig, saved: DictConfig, n: int):
+    """The dataset and its two real sets (real_sets), checked against the Inception metrics asked for."""
+    _, inception = metric_names(cfg.get("metrics", ["fd"]))
+    dataset = reference_dataset(saved, cfg.get("reference_split"), cfg.get("data_root"))
+    real = real_sets(dataset, n)
+    if inception:  # 1-D / 3-D data, odd channel counts, settings that cannot work at n: refused before sampling
+        fidelity.check_images(real[0].shape[1:])
+        fidelity.check_settings(n, inception, cfg.kid_subset_size, cfg.prc_neighborhood)
+    return dataset, real
+
+
+def _run(cfg: DictConfig, run_dir: Path, device: torch.device, dist: DistInfo) -> dict:
     """The recipe: check what is asked, open the run, load the real sets, draw, decode, score, write
-    metrics.json (and samples.npz), report."""
+    metrics.json (and samples.npz), report. Under several processes all draw; rank 0 alone loads the real
+    data and scores, and its refusals (before sampling) stop every rank."""
     want_fd, inception = metric_names(cfg.get("metrics", ["fd"]))
     # before anything slow: no weights (or no torch-fidelity) must not cost the user a sampling run
-    weights = fidelity.find_weights(cfg.get("inception_weights")) if inception else None
+    weights = on_rank0(lambda: fidelity.find_weights(cfg.get("inception_weights")), dist,
+                       share=False) if inception else None
     n = int(cfg.num_samples)
     if n < 2:
         raise DiffuseError(f"num_samples must be at least 2 (a covariance needs two); got {n}")
-    session = open_run(cfg)
-    saved, sampler, device = session.run.config, session.plan.sampler, session.plan.device
-    dataset = reference_dataset(saved, cfg.get("reference_split"), cfg.get("data_root"))
-    real_a, real_y, real_b, real_b_y = real_sets(dataset, n)
-    if inception:  # 1-D / 3-D data, odd channel counts, settings that cannot work at n: refused before sampling
-        fidelity.check_images(real_a.shape[1:])
-        fidelity.check_settings(n, inception, cfg.kid_subset_size, cfg.prc_neighborhood)
-
+    session = open_run(cfg, device, dist)
+    saved, sampler = session.run.config, session.plan.sampler
+    dataset, (real_a, real_y, real_b, real_b_y) = on_rank0(lambda: reference(cfg, saved, n), dist,
+                                                           share=False) or (None, (None,) * 4)
     labels = class_labels(n, session.num_classes)
     labels = None if labels is None else labels[:n]  # rounded up per class by class_labels; keep n
-    out, seconds = session.plan.with_progress(session.model, n, labels, desc=f"evaluate ({type(sampler).__name__})")
+    out, seconds = session.draw(n, labels, desc=f"evaluate ({type(sampler).__name__})")
+    if not dist.is_main:
+        return {}
     x = torch.cat([session.decode(out.x[i:i + cfg.batch_size].to(device)).float().cpu()
                    for i in range(0, n, cfg.batch_size)]).clamp(-1, 1)
     if x.shape[1:] != real_a.shape[1:]:

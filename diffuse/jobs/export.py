@@ -17,6 +17,7 @@ from diffuse.data.latent import CHECKPOINT_KEY, is_latent_run, read_vae_checkpoi
 from diffuse.errors import DiffuseError
 from diffuse.jobs.common import find_checkpoint, report
 from diffuse.training.checkpoint import load_checkpoint
+from diffuse.training.distributed import launched_rank_world
 from diffuse.training.export import write_export
 from diffuse.validation import run_guidance_scale, with_steps
 
@@ -34,6 +35,8 @@ def resolved_sampling(config: dict, source: str) -> dict:
 
 
 def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> dict:
+    if launched_rank_world()[0] > 0:  # under torchrun: one export (rank 0's); the others have no run dir
+        return {}
     path = find_checkpoint(cfg.checkpoint, "diffusion")
     if path.is_dir():
         raise DiffuseError(f"{path} is already a `diffuse export` folder")

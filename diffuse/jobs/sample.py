@@ -2,7 +2,8 @@
 
 Writes into its own run dir: samples.npz (x [N, C, *spatial] fp32 in [−1, 1], y [N] when conditional),
 grid.png (a row per class when conditional), sample.png (the first sample alone, at the data's own size) and,
-with animation.enabled, animation.gif|mp4. `checkpoint` may also be a `diffuse export` folder.
+with animation.enabled, animation.gif|mp4. `checkpoint` may also be a `diffuse export` folder. Under torchrun
+each process draws a share and rank 0 writes (see jobs/sampling.py).
 """
 
 from __future__ import annotations
@@ -19,14 +20,15 @@ from diffuse.diffusion.generation import class_labels
 from diffuse.diffusion.guidance import guidance_note
 from diffuse.errors import DiffuseError
 from diffuse.jobs.common import report
-from diffuse.jobs.sampling import open_run
+from diffuse.jobs.sampling import open_run, sampling_processes
+from diffuse.training.distributed import DistInfo
 
 log = logging.getLogger(__name__)
 
 
 def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> dict:
-    with torch.inference_mode():
-        return _run(cfg, Path(run_dir))
+    with sampling_processes(cfg, Path(run_dir)) as (dist, device, run_dir), torch.inference_mode():
+        return _run(cfg, run_dir, device, dist)
 
 
 def sample_labels(cfg: DictConfig, num_classes: int) -> torch.Tensor | None:
@@ -39,17 +41,19 @@ def sample_labels(cfg: DictConfig, num_classes: int) -> torch.Tensor | None:
     return torch.full((cfg.num_samples,), int(cfg.class_label), dtype=torch.long)
 
 
-def _run(cfg: DictConfig, run_dir: Path) -> dict:
+def _run(cfg: DictConfig, run_dir: Path, device: torch.device, dist: DistInfo) -> dict:
     """The recipe: open the run, draw, decode to data, write samples.npz, grid.png, sample.png (and the
-    animation with its step strip)."""
-    session = open_run(cfg)
+    animation with its step strip); ranks other than 0 only draw their share."""
+    session = open_run(cfg, device, dist)
     num_classes, anim = session.num_classes, cfg.animation
     labels = sample_labels(cfg, num_classes)
-    out, seconds = session.plan.with_progress(session.model, cfg.num_samples, labels,
-                                              trajectory=int(anim.frames) if anim.enabled else False,
-                                              desc=f"sample ({type(session.plan.sampler).__name__})")
-    log.info("samples: %d × %d steps%s in %.1f s", len(out.x), session.plan.steps,
-             guidance_note(session.plan.guidance_scale), seconds)
+    out, seconds = session.draw(cfg.num_samples, labels, trajectory=int(anim.frames) if anim.enabled else False,
+                                desc=f"sample ({type(session.plan.sampler).__name__})")
+    if not dist.is_main:
+        return {}
+    log.info("samples: %d × %d steps%s in %.1f s%s", len(out.x), session.plan.steps,
+             guidance_note(session.plan.guidance_scale), seconds,
+             f" ({dist.world_size} processes)" if dist.enabled else "")
     x = session.decode(out.x.float()).clamp(-1, 1)  # the data range; an undertrained model can overshoot it
     run_dir.mkdir(parents=True, exist_ok=True)
     arrays = {"x": x.numpy().astype(np.float32)}

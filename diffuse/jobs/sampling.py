@@ -1,11 +1,20 @@
 """What `diffuse sample` and `diffuse evaluate` set up alike: the run read back from its checkpoint, the
-sampler to draw with, guidance checked against how the run was trained, and the decoder to data space."""
+sampler to draw with, guidance checked against how the run was trained, the decoder to data space, and the
+processes that draw.
+
+Under torchrun (or several Slurm tasks) every process draws a share of the samples (whole batches; sample i
+keeps seed + i) on its own GPU, and rank 0 gathers them and writes everything: the same samples as one
+process draws, in 1/N of the time. The others write nothing.
+"""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -14,11 +23,12 @@ from torch import Tensor
 from diffuse.building import build
 from diffuse.data.latent import is_latent_run, latent_decoder
 from diffuse.devices import resolve_device
-from diffuse.diffusion.generation import SamplingPlan
+from diffuse.diffusion.generation import Generated, SamplingPlan
 from diffuse.dims import config_item_shape
 from diffuse.errors import DiffuseError
-from diffuse.jobs.common import LoadedRun, load_run
+from diffuse.jobs.common import LoadedRun, find_checkpoint, load_run, on_rank0
 from diffuse.jobs.latent_space import latent_sampler_config
+from diffuse.training.distributed import DistInfo, broadcast_object, cleanup, gather_to_main, init_distributed
 from diffuse.training.loop import PRECISIONS, use_channels_last
 from diffuse.validation import run_guidance_scale, with_steps
 
@@ -44,26 +54,56 @@ def prepare_for_sampling(model: torch.nn.Module, device: torch.device) -> torch.
     return model
 
 
+@contextmanager
+def sampling_processes(cfg: DictConfig, run_dir: Path) -> Iterator[tuple[DistInfo, torch.device, Path]]:
+    """The processes that draw: (this one's DistInfo, its device, the run dir), with rank 0's run dir and
+    rank 0's choice of `cfg.checkpoint` (null: the newest run, which ranks could see differently) on every
+    rank; one process: as given. The process group is always left."""
+    dist, device = init_distributed(resolve_device(cfg.device), cfg.get("dist_timeout_min", 60))
+    try:
+        run_dir = Path(broadcast_object(str(run_dir), dist))
+        if dist.enabled:
+            cfg.checkpoint = on_rank0(lambda: str(find_checkpoint(cfg.checkpoint, "diffusion")), dist)
+        yield dist, device, run_dir
+    finally:
+        cleanup(dist)
+
+
 @dataclass
 class SamplingSession:
-    """A trained run ready to draw from: `plan(model, n, labels)` draws, `decode` maps the samples to data."""
+    """A trained run ready to draw from: `draw(n, labels)` draws (this process's share, gathered on rank 0),
+    `decode` maps the samples to data."""
 
     run: LoadedRun
     model: torch.nn.Module
     plan: SamplingPlan
     sampler_config: DictConfig
     decode: Callable[[Tensor], Tensor]
+    dist: DistInfo = field(default_factory=DistInfo)
 
     @property
     def num_classes(self) -> int:
         return int(getattr(self.model, "num_classes", 0) or 0)
 
+    def draw(self, num_samples: int, labels: Tensor | None = None, trajectory: int | bool = False,
+             desc: str = "samples") -> tuple[Generated | None, float]:
+        """All the samples (as plan(model, n, labels) draws them) on rank 0 under a progress bar, and the
+        seconds they took there (gathering included); other ranks draw their share and get (None, seconds)."""
+        out, seconds = self.plan.with_progress(self.model, num_samples, labels, trajectory, desc=desc,
+                                               rank=self.dist.rank, world=self.dist.world_size)
+        if not self.dist.enabled:
+            return out, seconds
+        start = time.perf_counter()
+        parts = gather_to_main(out, self.dist)
+        return (Generated.cat(parts) if parts else None), seconds + time.perf_counter() - start
 
-def open_run(cfg: DictConfig) -> SamplingSession:
+
+def open_run(cfg: DictConfig, device: torch.device | None = None, dist: DistInfo | None = None) -> SamplingSession:
     """The run `cfg.checkpoint` names (EMA weights unless use_ema=false), its sampler (see sampler_config;
     latent runs unclipped), and guidance `guidance.scale` (auto: the run's own, whose auto is guided where the
-    run learned a null class; a number refused for a run that never did); steps=auto sized by the guidance."""
-    device = resolve_device(cfg.device)
+    run learned a null class; a number refused for a run that never did); steps=auto sized by the guidance.
+    `device` and `dist`: this process's (sampling_processes); default: cfg.device, one process."""
+    device = resolve_device(cfg.device) if device is None else device
     loaded = load_run(cfg.checkpoint, device, use_ema=cfg.use_ema, allow_targets=cfg.get("allow_targets") or ())
     saved = loaded.config
     scale = cfg.guidance.scale  # auto: the run's own, as sampler=null is its own sampler (its auto: auto again)
@@ -74,4 +114,4 @@ def open_run(cfg: DictConfig) -> SamplingSession:
                         saved.objective.prediction, guidance, int(cfg.batch_size), device, int(cfg.seed),
                         PRECISIONS.get(cfg.get("precision", "fp32")))
     return SamplingSession(loaded, prepare_for_sampling(loaded.model, device), plan, chosen,
-                           latent_decoder(loaded.state, device))
+                           latent_decoder(loaded.state, device), dist or DistInfo())

@@ -126,6 +126,16 @@ def all_gather_object(obj, info: DistInfo) -> list:
     return out
 
 
+def gather_to_main(obj, info: DistInfo) -> list | None:
+    """[rank 0's obj, rank 1's, …] on rank 0, None on the others; [obj] without a process group. Through the
+    CPU control group: CPU tensors travel pickled over gloo, never through a GPU's memory."""
+    if not info.enabled:
+        return [obj]
+    out = [None] * info.world_size if info.is_main else None
+    dist.gather_object(obj, out, dst=0, group=_control_group)
+    return out
+
+
 def all_reduce_max(value: int, info: DistInfo) -> int:
     """The largest `value` over all ranks (every rank gets it); `value` without a process group. On the CPU
     through the control group: it never waits for a GPU."""
