@@ -24,6 +24,17 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes bf16 natively, so that autocast to it pays: a CUDA GPU that has it (Ampere and
+    newer), or a CPU with AMX tiles (Intel Sapphire Rapids and newer, where oneDNN runs bf16 convolutions and
+    matmuls on them). Other CPUs emulate bf16 and run it slower than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+    return False
+
+
 def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     """`tensor` on `device` without making the host wait for the device.
 

@@ -113,7 +113,7 @@ BOOL = Rule("bool")
 POSITIVE = Float(0, open_lo=True)
 PROBABILITY = Float(0, 1)
 
-PRECISION = Choice("fp32", "bf16", "fp16")
+PRECISION = Choice("fp32", "bf16", "fp16", "auto")
 COMMON = {"seed": Int(), "device": None}  # device: checked by resolve_device (cuda:N etc.)
 GUIDANCE = {"guidance.scale": Float(0, auto=True)}
 
@@ -123,7 +123,7 @@ TRAINER = {
     "pct_start": Float(0, 1, open_lo=True, open_hi=True), "min_lr_ratio": PROBABILITY,
     "weight_decay": Float(0), "betas": Rule("pair", 0, 1, open_hi=True), "ema_decay": Float(0, 1, open_hi=True),
     "ema_warmup": BOOL, "grad_clip": Float(0, open_lo=True, nullable=True),
-    "precision": Choice("fp32", "bf16", "fp16", "auto"),
+    "precision": PRECISION,
     "compile": Choice(True, False, *COMPILE_MODES), "cuda_graphs": Choice("auto", True, False),
     "channels_last": Choice("auto", True, False), "cond_drop_prob": Float(0, 1, open_hi=True),
     "log_every": Int(1), "checkpoint_every": Int(1), "keep_checkpoints": Int(0, nullable=True),

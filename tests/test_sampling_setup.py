@@ -96,7 +96,10 @@ def test_sample_and_train_default_to_ten_guided_steps_where_a_null_class_was_lea
     from conftest import TINY
     from inproc_cli import run_inproc
 
+    import torch
+
     from diffuse.jobs.evaluate import summary_lines
+    from diffuse.training.loop import resolve_precision
 
     def ok(res):
         assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
@@ -111,11 +114,14 @@ def test_sample_and_train_default_to_ten_guided_steps_where_a_null_class_was_lea
         ok(run_inproc([*train, *extra], cwd))
     (log,) = dropout.glob("outputs/*/*/train.log")
     assert re.search(r"samples: 4 × 10 steps \(guidance w 1.1\)", log.read_text())  # the final grid
-    assert "samples: 4 × 10 steps (guidance w 1.1) in" in ok(run_inproc(sample, dropout))
+    precision = resolve_precision("auto", torch.device("cpu"))  # sample/evaluate's precision=auto: bf16 on AMX
+    assert f"samples: 4 × 10 steps (guidance w 1.1), {precision}, in" in ok(run_inproc(sample, dropout))
     plain = ok(run_inproc([*sample, "guidance.scale=0"], dropout))
-    assert "samples: 4 × 20 steps in" in plain and "guidance w" not in plain
-    assert "samples: 4 × 20 steps in" in ok(run_inproc(sample, no_dropout))
+    assert f"samples: 4 × 20 steps, {precision}, in" in plain and "guidance w" not in plain
+    assert "samples: 4 × 20 steps, fp32, in" in ok(run_inproc([*sample, "precision=fp32"], no_dropout))
     ok(run_inproc(["evaluate", "num_samples=8", "device=cpu", "hydra.run.dir=eval"], dropout))
     metrics = json.loads((dropout / "eval" / "metrics.json").read_text())
     assert metrics["guidance_scale"] == 1.1 and metrics["steps"] == 10 and metrics["sampler_config"]["steps"] == 10
-    assert summary_lines(metrics, 2)[0].startswith("DPMSolverPP 10 steps (guidance w 1.1), 10 NFE, 8 samples")
+    assert metrics["precision"] == precision
+    assert summary_lines(metrics, 2)[0].startswith(f"DPMSolverPP 10 steps (guidance w 1.1), 10 NFE, 8 samples, "
+                                                   f"{precision}, step 2")

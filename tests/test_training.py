@@ -243,10 +243,11 @@ def test_channels_last_choice_and_same_training(tmp_path):
         use_channels_last(True, volume, cpu)
     with pytest.raises(DiffuseError, match="auto, true or false"):
         use_channels_last("yes", planar, cpu)
-    # the same run with NHWC and NCHW weights: the same losses and weights up to float rounding
+    # the same fp32 run with NHWC and NCHW weights: the same losses and weights up to float rounding (fp32 pinned:
+    # precision=auto is bf16 on an AMX CPU, whose rounding is not what this compares)
     runs = {}
     for flag in ("true", "false"):
-        _train(tmp_path, flag, ["trainer.max_steps=4", f"trainer.channels_last={flag}"])
+        _train(tmp_path, flag, ["trainer.max_steps=4", f"trainer.channels_last={flag}", "trainer.precision=fp32"])
         runs[flag] = load_checkpoint(tmp_path / flag / "checkpoints" / "last.ckpt")
     conv = next(v for v in runs["true"]["model"].values() if v.dim() == 4 and v.shape[1] > 1 and v.shape[-1] > 1)
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
@@ -256,10 +257,22 @@ def test_channels_last_choice_and_same_training(tmp_path):
     assert losses[0] == pytest.approx(losses[1], rel=1e-4)
 
 
-def test_precision_auto_is_bf16_on_a_gpu_that_has_it(monkeypatch):
-    from diffuse.training.loop import build_optimizer, resolve_precision
+def test_precision_auto_is_bf16_where_the_device_computes_it_natively(monkeypatch):
+    from diffuse.models.msnat import MSNATUNet
+    from diffuse.training.loop import build_optimizer, resolve_precision, use_channels_last
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
     assert resolve_precision("auto", torch.device("cpu")) == "fp32"
     assert resolve_precision("fp16", torch.device("cpu")) == "fp16"
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)  # an AMX CPU
+    assert resolve_precision("auto", torch.device("cpu")) == "bf16"
+    assert resolve_precision("fp32", torch.device("cpu")) == "fp32"
+    msnat = MSNATUNet(dim=2, base_channels=8, levels=[{"depth": 0}, {"depth": 1, "heads": 1, "kernel": 3}])
+    assert resolve_precision("auto", torch.device("cpu"), msnat) == "fp32"  # measured slower under bf16 there
+    # channels-last weights pay on the CPU in fp32 only (NHWC under bf16 autocast was 1.5x slower)
+    conv = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3))
+    assert use_channels_last("auto", conv, torch.device("cpu"))
+    assert not use_channels_last("auto", conv, torch.device("cpu"), torch.bfloat16)
+    assert use_channels_last(True, conv, torch.device("cpu"), torch.bfloat16)  # asked for: kept
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     assert resolve_precision("auto", torch.device("cuda")) == "bf16"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)

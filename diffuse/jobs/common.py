@@ -158,10 +158,10 @@ def fit(trainer: Trainer, state: dict | None, what: str, after: Callable[[dict],
     dist, tcfg, n_params = trainer.dist, trainer.cfg, trainer.num_parameters
     if dist.is_main:
         batch, accum = trainer.data.batch_size, tcfg.grad_accum_steps
-        log.info("%s: %.2fM parameters; %d steps of batch %d×%d%s (global batch %d) on %s; run dir %s",
+        log.info("%s: %.2fM parameters; %d steps of batch %d×%d%s (global batch %d) on %s in %s; run dir %s",
                  what, n_params / 1e6, tcfg.max_steps, batch, dist.world_size,
                  f"×{accum} accumulated" if accum > 1 else "", batch * dist.world_size * accum, trainer.device,
-                 trainer.run_dir)
+                 tcfg.precision, trainer.run_dir)
     try:
         summary = trainer.fit()
         if after is not None:

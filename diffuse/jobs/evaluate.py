@@ -140,7 +140,7 @@ def _run(cfg: DictConfig, run_dir: Path, device: torch.device, dist: DistInfo) -
     result = {
         "checkpoint": str(session.run.path), "step": session.run.step, "sampler": type(sampler).__name__,
         "sampler_config": OmegaConf.to_container(session.sampler_config, resolve=True),
-        "guidance_scale": session.plan.guidance_scale,
+        "guidance_scale": session.plan.guidance_scale, "precision": session.precision,
         "steps": int(sampler.steps), "clip_x0": sampler.clip_x0, "nfe": int(out.nfe), "num_samples": n,
         "seconds": round(seconds, 3),
     }
@@ -188,7 +188,7 @@ def summary_lines(result: dict, step: int) -> list[str]:
     """metrics.json's numbers as the lines `diffuse evaluate` prints."""
     n = result["num_samples"]
     lines = [f"{result['sampler']} {result['steps']} steps{guidance_note(result.get('guidance_scale'))}, "
-             f"{result['nfe']} NFE, {n} samples, step {step}:"]
+             f"{result['nfe']} NFE, {n} samples, {result.get('precision', 'fp32')}, step {step}:"]
     if "fd" in result:
         floor = "" if result.get("fd_real_vs_real") is None else f" (real vs real: {result['fd_real_vs_real']:.3f})"
         lines.append(f"  FD {result['fd']:.3f}{floor}")

@@ -51,8 +51,8 @@ def _run(cfg: DictConfig, run_dir: Path, device: torch.device, dist: DistInfo) -
                                 desc=f"sample ({type(session.plan.sampler).__name__})")
     if not dist.is_main:
         return {}
-    log.info("samples: %d × %d steps%s in %.1f s%s", len(out.x), session.plan.steps,
-             guidance_note(session.plan.guidance_scale), seconds,
+    log.info("samples: %d × %d steps%s, %s, in %.1f s%s", len(out.x), session.plan.steps,
+             guidance_note(session.plan.guidance_scale), session.precision, seconds,
              f" ({dist.world_size} processes)" if dist.enabled else "")
     x = session.decode(out.x.float()).clamp(-1, 1)  # the data range; an undertrained model can overshoot it
     run_dir.mkdir(parents=True, exist_ok=True)
