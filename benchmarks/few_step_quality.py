@@ -10,10 +10,11 @@ many images of the test split, FD on the fixed random-conv features of diffuse/m
 (nearest real image has the asked class; `label_agreement_real` is the same rule's score on real images,
 its ceiling) and the off-range fraction (samples whose mean brightness no real image has: static, all-white).
 
---train runs `diffuse train <overrides> logger=none trainer.sample_every=0 trainer.final_samples=false`
-first (no grids: their cost is not training), one run after the other; the minutes column is the training
-loop's own time (the sum over metrics.jsonl of images / images_per_s), so it does not count start-up,
-validation or checkpoint writing. Run it on a quiet machine: the minutes are only comparable then.
+--train runs `diffuse train trainer.precision=fp32 <overrides> logger=none trainer.sample_every=0
+trainer.final_samples=false` first (fp32, as the table was made, whatever the CPU; no grids: their cost is not
+training), one run after the other; the minutes column is the training loop's own time (the sum over
+metrics.jsonl of images / images_per_s), so it does not count start-up, validation or checkpoint writing.
+Run it on a quiet machine: the minutes are only comparable then.
 
 Rows (--rows, comma-separated names of ROWS below); `ddpm1000` is the reference and costs 1000 network
 evaluations per sample (≈ 2 h for 1000 MNIST samples on 2 CPU cores: 10⁶ evaluations at ~150 samples·steps/s);
@@ -63,8 +64,8 @@ DEFAULT_ROWS = "default,dpm_solver10,dpm_solver20,dpm_solver20_clip,ddim20,ddpm_
 
 def train(name: str, overrides: str, out_dir: Path) -> Path:
     run_dir = out_dir / f"train_{name}"
-    cmd = ["diffuse", "train", *shlex.split(overrides), "logger=none", "trainer.sample_every=0",
-           "trainer.final_samples=false", f"hydra.run.dir={run_dir}"]
+    cmd = ["diffuse", "train", "trainer.precision=fp32", *shlex.split(overrides), "logger=none",  # the table's
+           "trainer.sample_every=0", "trainer.final_samples=false", f"hydra.run.dir={run_dir}"]  # fp32, any CPU
     print("+", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
     return run_dir
@@ -98,7 +99,8 @@ def evaluate(run_dir: Path, row: str, num_samples: int, out_dir: Path, cached_on
         if cached_only:
             return None
         cmd = ["diffuse", "evaluate", f"checkpoint={run_dir}", *ROWS[row], f"num_samples={num_samples}",
-               "reference_split=test", "save_samples=true", f"hydra.run.dir={eval_dir}"]
+               "reference_split=test", "save_samples=true", "precision=fp32",  # the table's protocol, any CPU
+               f"hydra.run.dir={eval_dir}"]
         print("+", " ".join(cmd), flush=True)
         start = time.perf_counter()
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)

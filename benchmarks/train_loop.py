@@ -73,6 +73,8 @@ def diffusers_step(device: torch.device, settings: dict, steps: int, window: int
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
 
+    from diffuse.training.loop import resolve_precision
+
     torch.manual_seed(0)
     b, r = settings["batch"], settings["resolution"]
     model = peer(r).to(device)
@@ -86,8 +88,7 @@ def diffusers_step(device: torch.device, settings: dict, steps: int, window: int
     noise_scheduler = DDPMScheduler(num_train_timesteps=1000)
     clean = torch.rand(b, settings["channels"], r, r, device=device) * 2 - 1
     labels = torch.randint(0, settings["num_classes"], (b,), device=device)
-    bf16 = settings["precision"] == "bf16" or (settings["precision"] == "auto" and device.type == "cuda"
-                                               and torch.cuda.is_bf16_supported())
+    bf16 = resolve_precision(settings["precision"], device) == "bf16"  # as ours resolves it (auto: GPU, AMX CPU)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     rates, t0 = [], time.perf_counter()
     for step in range(1, steps + 1):
