@@ -56,7 +56,8 @@ class Generated:
 
     @staticmethod
     def cat(parts: Sequence[Generated]) -> Generated:
-        """Consecutive draws (shares of the processes, in rank order) as one; empty shares are left out."""
+        """Consecutive draws (a draw's batches; shares of the processes, in rank order) as one, each state of
+        the trajectory joined once; empty shares are left out."""
         parts = [p for p in parts if len(p.x)] or list(parts[:1])
         states = None if parts[0].states is None else [torch.cat(s) for s in zip(*(p.states for p in parts))]
         y = None if parts[0].y is None else torch.cat([p.y for p in parts])
@@ -75,25 +76,23 @@ def generate(model, schedule, sampler: Sampler, sample_shape: Sequence[int], num
     a batch of k samples (a bar of num_samples × sampler_steps(...) units advances per step). Neither changes
     the samples."""
     device = torch.device(device)
-    xs, states, times, nfe = [], None, None, 0
+    batches = []
     n = num_samples if labels is None else len(labels)
     for start in range(0, n, batch_size):
         stop = min(n, start + batch_size)
-        y = labels[start:stop].to(device) if labels is not None else None
-        denoiser = Denoiser(model, schedule, prediction, y=y, guidance_scale=guidance_scale,
-                            autocast_dtype=autocast_dtype)
+        y = labels[start:stop] if labels is not None else None
+        denoiser = Denoiser(model, schedule, prediction, y=None if y is None else y.to(device),
+                            guidance_scale=guidance_scale, autocast_dtype=autocast_dtype)
         noise = NoiseSource(range(seed + start, seed + stop), device)
         on_step = None if step_progress is None else (lambda k=stop - start: step_progress(k))
         out, traj = sample(denoiser, sampler, noise, sample_shape, trajectory=trajectory, on_step=on_step)
-        nfe = denoiser.nfe
-        xs.append(out.cpu())
-        if traj is not None:
-            times = traj.times
-            states = traj.states if states is None else [torch.cat([a, b]) for a, b in zip(states, traj.states)]
+        batches.append(Generated(x=out.cpu(), y=y, times=None if traj is None else traj.times,
+                                 states=None if traj is None else traj.states, nfe=denoiser.nfe))
         if progress is not None:
             progress(stop - start)
-    x = torch.cat(xs) if xs else torch.empty(0, *sample_shape)  # an empty share of a parallel draw
-    return Generated(x=x, y=labels, times=times, states=states, nfe=nfe)
+    if not batches:  # an empty share of a parallel draw
+        return Generated(x=torch.empty(0, *sample_shape), y=labels, times=None, states=None)
+    return Generated.cat(batches)
 
 
 @dataclass
@@ -122,10 +121,12 @@ class SamplingPlan:
                  step_progress=None, samples: range | None = None) -> Generated:
         """The samples (of labels[i] when given); only those of `samples` (a range of indices, e.g. a share)
         when given, each with the seed it has in the whole draw."""
+        first = 0
         if samples is not None:
-            num_samples, labels = len(samples), None if labels is None else labels[samples.start:samples.stop]
+            first, num_samples = samples.start, len(samples)
+            labels = None if labels is None else labels[samples.start:samples.stop]
         return generate(model, self.schedule, self.sampler, self.sample_shape, num_samples, labels=labels,
-                        seed=self.seed + (samples.start if samples else 0), batch_size=self.batch_size,
+                        seed=self.seed + first, batch_size=self.batch_size,
                         prediction=self.prediction, guidance_scale=self.guidance_scale, device=self.device,
                         trajectory=trajectory, autocast_dtype=self.autocast_dtype, step_progress=step_progress)
 

@@ -4,6 +4,7 @@ wrap-up (`fit`), the command's result lines (`report`), and reading a run back f
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -53,15 +54,25 @@ def on_rank0(fn: Callable, dist, share: bool = True):
     return value if share else result
 
 
-def run_trainer_process(cfg: DictConfig, run_dir: Path, overrides: list[str], kind: str, train: Callable) -> dict:
-    """The process around a trainer: checks dim, picks the device, joins the process group if any (a GPU per
-    process), takes rank 0's run dir and rank 0's choice of the checkpoint to resume (auto and self look at
-    the file system, which ranks may see differently), merges and checks a resumed run's config, seeds per
-    rank, then `train(cfg, run_dir, state, device, dist)`; the group is always left."""
-    check_dim(cfg.get("dim"))
-    dist, device = init_distributed(resolve_device(cfg.device), cfg.trainer.get("dist_timeout_min", 60))
+@contextmanager
+def joined_processes(device_name: str, run_dir: Path, timeout_min: float = 60):
+    """This process in the launcher's group, if it started several (torchrun, Slurm tasks): (its DistInfo, its
+    device, rank 0's run dir: only rank 0 has a Hydra run folder); one process: as given. The group is always
+    left."""
+    dist, device = init_distributed(resolve_device(device_name), timeout_min)
     try:
-        run_dir = Path(broadcast_object(str(run_dir), dist))
+        yield dist, device, Path(broadcast_object(str(run_dir), dist))
+    finally:
+        cleanup(dist)
+
+
+def run_trainer_process(cfg: DictConfig, run_dir: Path, overrides: list[str], kind: str, train: Callable) -> dict:
+    """The process around a trainer: checks dim, joins the processes (joined_processes: a GPU each, rank 0's
+    run dir), takes rank 0's choice of the checkpoint to resume (auto and self look at the file system, which
+    ranks may see differently), merges and checks a resumed run's config, seeds per rank, then
+    `train(cfg, run_dir, state, device, dist)`."""
+    check_dim(cfg.get("dim"))
+    with joined_processes(cfg.device, run_dir, cfg.trainer.get("dist_timeout_min", 60)) as (dist, device, run_dir):
         if cfg.get("resume"):
             cfg.resume = on_rank0(lambda: resume_checkpoint(cfg, run_dir, kind), dist)
         cfg, run_dir, state = resolve_resume(cfg, run_dir, overrides, kind)
@@ -69,8 +80,6 @@ def run_trainer_process(cfg: DictConfig, run_dir: Path, overrides: list[str], ki
             validate(cfg, "train" if kind == "diffusion" else "train_vae")  # the merged config
         torch.manual_seed(cfg.seed + dist.rank)
         return train(cfg, run_dir, state, device, dist)
-    finally:
-        cleanup(dist)
 
 
 # Groups whose choice defines the run: a resumed run keeps them from its checkpoint.

@@ -101,9 +101,8 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> d
         return _run(cfg, run_dir, device, dist)
 
 
-def reference(cfg: DictConfig, saved: DictConfig, n: int):
+def reference(cfg: DictConfig, saved: DictConfig, n: int, inception: tuple[str, ...]):
     """The dataset and its two real sets (real_sets), checked against the Inception metrics asked for."""
-    _, inception = metric_names(cfg.get("metrics", ["fd"]))
     dataset = reference_dataset(saved, cfg.get("reference_split"), cfg.get("data_root"))
     real = real_sets(dataset, n)
     if inception:  # 1-D / 3-D data, odd channel counts, settings that cannot work at n: refused before sampling
@@ -125,7 +124,7 @@ def _run(cfg: DictConfig, run_dir: Path, device: torch.device, dist: DistInfo) -
         raise DiffuseError(f"num_samples must be at least 2 (a covariance needs two); got {n}")
     session = open_run(cfg, device, dist)
     saved, sampler = session.run.config, session.plan.sampler
-    dataset, (real_a, real_y, real_b, real_b_y) = on_rank0(lambda: reference(cfg, saved, n), dist,
+    dataset, (real_a, real_y, real_b, real_b_y) = on_rank0(lambda: reference(cfg, saved, n, inception), dist,
                                                            share=False) or (None, (None,) * 4)
     labels = class_labels(n, session.num_classes)
     labels = None if labels is None else labels[:n]  # rounded up per class by class_labels; keep n

@@ -26,9 +26,9 @@ from diffuse.devices import resolve_device
 from diffuse.diffusion.generation import Generated, SamplingPlan
 from diffuse.dims import config_item_shape
 from diffuse.errors import DiffuseError
-from diffuse.jobs.common import LoadedRun, find_checkpoint, load_run, on_rank0
+from diffuse.jobs.common import LoadedRun, find_checkpoint, joined_processes, load_run, on_rank0
 from diffuse.jobs.latent_space import latent_sampler_config
-from diffuse.training.distributed import DistInfo, broadcast_object, cleanup, gather_to_main, init_distributed
+from diffuse.training.distributed import DistInfo, gather_to_main
 from diffuse.training.loop import PRECISIONS, resolve_precision, use_channels_last
 from diffuse.validation import run_guidance_scale, with_steps
 
@@ -57,17 +57,12 @@ def prepare_for_sampling(model: torch.nn.Module, device: torch.device, autocast_
 
 @contextmanager
 def sampling_processes(cfg: DictConfig, run_dir: Path) -> Iterator[tuple[DistInfo, torch.device, Path]]:
-    """The processes that draw: (this one's DistInfo, its device, the run dir), with rank 0's run dir and
-    rank 0's choice of `cfg.checkpoint` (null: the newest run, which ranks could see differently) on every
-    rank; one process: as given. The process group is always left."""
-    dist, device = init_distributed(resolve_device(cfg.device), cfg.get("dist_timeout_min", 60))
-    try:
-        run_dir = Path(broadcast_object(str(run_dir), dist))
+    """The processes that draw (joined_processes: this one's DistInfo, its device, rank 0's run dir), with
+    rank 0's choice of `cfg.checkpoint` (null: the newest run, which ranks could see differently)."""
+    with joined_processes(cfg.device, run_dir, cfg.get("dist_timeout_min", 60)) as (dist, device, run_dir):
         if dist.enabled:
             cfg.checkpoint = on_rank0(lambda: str(find_checkpoint(cfg.checkpoint, "diffusion")), dist)
         yield dist, device, run_dir
-    finally:
-        cleanup(dist)
 
 
 @dataclass

@@ -219,7 +219,8 @@ class Trainer:
             raise DiffuseError(f"trainer.precision must be one of {', '.join(PRECISIONS)}, auto; got {cfg.precision!r}")
         device, dist = run.device, run.dist
         # the training set-up, in order: weight layout → EMA copy → compile → DDP → optimizer → LR → scaler
-        if use_channels_last(tcfg.get("channels_last", "auto"), model, device, PRECISIONS[cfg.precision]):
+        self.autocast_dtype = PRECISIONS[cfg.precision]
+        if use_channels_last(tcfg.get("channels_last", "auto"), model, device, self.autocast_dtype):
             model.to(memory_format=torch.channels_last)  # before the EMA copy and the optimizer see the weights
         self.ema = EMA(model, decay=tcfg.ema_decay, warmup=tcfg.ema_warmup)
         self.model = compile_model(model, tcfg.compile)
@@ -240,7 +241,6 @@ class Trainer:
                                                tcfg.warmup_steps, tcfg.pct_start, tcfg.min_lr_ratio)
         # fp16 needs loss scaling on every device (its range underflows small gradients), bf16 does not
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
-        self.autocast_dtype = PRECISIONS[cfg.precision]
         # the configured optimizer settings, to win over the checkpoint's on resume
         self.configured_groups = [{k: g[k] for k in HYPERPARAMETERS if k in g} for g in self.optimizer.param_groups]
 
