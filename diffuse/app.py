@@ -135,8 +135,12 @@ def launch(config_name: str, overrides: list[str]) -> None:
             if problem:
                 print(f"diffuse {config_name}: error: {problem}", file=sys.stderr)
                 sys.exit(1)
-            return optimized_value(job.run(cfg, Path(hc.runtime.output_dir), list(hc.overrides.task)),
-                                   cfg.get("optimized_metric"), optimizing)
+            try:
+                summary = job.run(cfg, Path(hc.runtime.output_dir), list(hc.overrides.task))
+            except OSError as e:  # the run folder deleted or read-only, a full disk: the file and the reason
+                where = f" {e.filename}" if e.filename else ""
+                raise DiffuseError(f"cannot write or read{where}: {e.strerror or e}") from None
+            return optimized_value(summary, cfg.get("optimized_metric"), optimizing)
         except DiffuseError as e:
             print(f"diffuse {config_name}: error: {e}", file=sys.stderr)
             if hc.mode != RunMode.MULTIRUN or isinstance(e, Interrupted):

@@ -2,7 +2,8 @@
 
 W&B must never stop or stall a run. mode: auto (online when an API key is configured, else offline),
 online, offline, disabled. Online W&B with no network can hang for minutes inside `wandb.init`, so we
-probe the server first with a few-second budget and fall back to offline with one warning line; any
+probe the server first with a few-second budget (it must answer: a TLS handshake or an HTTP reply, not only
+accept the connection) and fall back to offline with one warning line; any
 W&B error later disables W&B for the rest of the run (again with one warning), never the run itself.
 """
 
@@ -41,7 +42,7 @@ def resolve_mode(mode: str, probe_timeout: float = 3.0) -> str:
     if mode == "auto":
         mode = "online" if _api_key_configured() else "offline"
     if mode == "online" and not reachable([os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")],
-                                           probe_timeout):
+                                           probe_timeout, answers=True):
         log.warning("W&B server unreachable: logging offline instead (sync later with `wandb sync`)")
         mode = "offline"
     return mode
@@ -59,7 +60,7 @@ class Tracker:
 
     def __init__(self, run_dir: str | Path, mode: str = "auto", project: str = "diffuse",
                  config: dict | None = None, name: str | None = None, run_id: str | None = None,
-                 enabled: bool = True, init_timeout: float = 30.0):
+                 enabled: bool = True, init_timeout: float = 15.0):
         self.run_dir = Path(run_dir)
         self.enabled = enabled
         self.wandb = None

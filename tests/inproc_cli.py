@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,7 @@ def one_error_line(result: Result, job: str) -> str:
     """The single `diffuse JOB: error: …` line of a failed run (asserting there is no traceback)."""
     assert result.returncode != 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    lines = [line for line in result.stderr.splitlines() if line.startswith(f"diffuse {job}: error: ")]
+    # a progress bar's last frame ends with no newline: the error line may follow it on the same line
+    lines = re.findall(rf"diffuse {re.escape(job)}: error: [^\r\n]*", result.stderr)
     assert len(lines) == 1, result.stderr[-3000:]
     return lines[0]

@@ -13,7 +13,7 @@ ROOT = Path(diffuse.__file__).parent
 
 # Rank of each top-level module or package of diffuse; a module may import only ranks ≤ its own.
 LAYERS = {
-    0: ("errors", "building", "devices", "dims", "network"),                # foundations: no parts
+    0: ("errors", "building", "devices", "dims", "network", "files"),       # foundations: no parts
     1: ("models", "diffusion", "metrics", "media", "tracking", "fidelity"),  # networks, math, pictures, logs
     2: ("data", "training", "validation"),                                  # parts built on those
     3: ("jobs",),                                                           # one module per command
