@@ -180,9 +180,21 @@ def test_decoding_with_workers(flat):
 
 
 # -- the cache ---------------------------------------------------------------------------------------------
-def test_cache_written_beside_the_folder_and_reused(classes, monkeypatch):
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    """The user's cache folder ($XDG_CACHE_HOME) in tmp_path, for every test here."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
+    return tmp_path / "xdg-cache" / "diffuse" / "folder-cache"
+
+
+def test_cache_written_in_the_users_cache_and_reused(classes, own_cache, monkeypatch):
+    def listing():  # everything beside and inside the data's folder, the cache folder of this test aside
+        return sorted(str(p) for p in classes.parent.rglob("*") if "xdg-cache" not in p.parts)
+
+    before = listing()
     first = FolderDataset(classes, resolution=8)
-    assert first.cache_path.parent == classes.parent / "pets.diffuse-cache" and first.cache_path.is_file()
+    assert first.cache_path.is_relative_to(own_cache) and first.cache_path.is_file()
+    assert listing() == before  # nothing written beside (or in) the data
     _no_decoding(monkeypatch)
     second = FolderDataset(classes, resolution=8)
     assert torch.equal(first.images, second.images) and torch.equal(first.labels, second.labels)
@@ -192,8 +204,6 @@ def test_cache_invalidated_when_a_file_changes(flat, monkeypatch):
     first = FolderDataset(flat, resolution=8)
     path = flat / "img_3.png"
     _save(path, 255 - _pattern(15, 17, 3))
-    st = path.stat()
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a later mtime, whatever the clock's grain
     second = FolderDataset(flat, resolution=8)
     assert not torch.equal(first.images[3], second.images[3]) and torch.equal(first.images[4], second.images[4])
     _save(flat / "img_8.png", _pattern(10, 10, 8))  # a new file
@@ -202,21 +212,73 @@ def test_cache_invalidated_when_a_file_changes(flat, monkeypatch):
     assert len(FolderDataset(flat, resolution=8)) == 9  # and that state is cached in turn
 
 
-def test_cache_falls_back_to_home_when_the_parent_is_not_writable(flat, tmp_path, monkeypatch):
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    beside = flat.parent / "flat.diffuse-cache"
-    save = torch.save
+def test_content_change_that_keeps_size_and_mtime_is_seen(flat):
+    """`cp -p`, `rsync -a` and tar keep a file's size and mtime: the cache key is its content."""
+    first = FolderDataset(flat, resolution=8)
+    path = flat / "img_2.png"
+    st, data = path.stat(), bytearray(path.read_bytes())
+    other = flat.parent / "other.png"
+    _save(other, 255 - _pattern(14, 18, 2))  # another image, padded to the same size as the old file
+    new = other.read_bytes()
+    assert len(new) <= len(data)
+    path.write_bytes(new + b"\0" * (len(data) - len(new)))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert path.stat().st_size == st.st_size and path.stat().st_mtime_ns == st.st_mtime_ns
+    second = FolderDataset(flat, resolution=8)
+    assert not torch.equal(first.images[2], second.images[2])
+    assert torch.equal(first.images[3], second.images[3])
 
-    def read_only_parent(obj, f, *args, **kwargs):
-        if str(f).startswith(str(beside)):
-            raise PermissionError(13, "Permission denied")
-        return save(obj, f, *args, **kwargs)
 
-    monkeypatch.setattr(torch, "save", read_only_parent)
-    ds = FolderDataset(flat, resolution=8)
-    assert ds.cache_path.is_relative_to(tmp_path / "home" / ".cache" / "diffuse" / "folder-cache")
-    _no_decoding(monkeypatch)
-    assert torch.equal(FolderDataset(flat, resolution=8).images, ds.images)
+def test_a_cache_planted_beside_the_folder_is_never_read(flat, monkeypatch):
+    """Older versions cached in <parent>/<name>.diffuse-cache/, which anyone who can write the parent can fill."""
+    honest = FolderDataset(flat, resolution=8)
+    planted = flat.parent / "flat.diffuse-cache"
+    planted.mkdir()
+    torch.save({"key": honest.cache_key(), "images": torch.zeros_like(honest.images)},
+               planted / honest.cache_path.name)
+    honest.cache_path.unlink()
+    again = FolderDataset(flat, resolution=8)
+    assert torch.equal(again.images, honest.images) and not again.cache_path.is_relative_to(planted)
+
+
+def test_an_unwritable_cache_folder_decodes_and_goes_on(flat, tmp_path, monkeypatch):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache folder would go")
+    ds = FolderDataset(flat, resolution=8, cache_dir=blocker / "cache")
+    assert ds.cache_path is None and len(ds) == 8
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_old_cache_folders_inside_the_data_are_not_classes(classes):
+    """A class folder's own memory-mapped cache (pets/cat.diffuse-cache/*.npy, as older versions wrote for
+    dataset.path=pets/cat) must not make the parent `pets` a mix of arrays and images."""
+    (classes / "cat.diffuse-cache").mkdir()
+    np.save(classes / "cat.diffuse-cache" / "images-3x8x8-mmap.npy", np.zeros((3, 3, 8, 8), np.uint8))
+    ds = FolderDataset(classes, resolution=8)
+    assert ds.class_names == ("cat", "dog", "owl") and len(ds) == 6
+    assert count_classes(classes) == 3
+
+
+def test_symlink_loops_and_second_links_are_read_once(tmp_path):
+    root = tmp_path / "loop"
+    for c in ("a", "b"):
+        for i in range(3):
+            _save(root / c / f"{c}{i}.png", _pattern(10, 10, i))
+    (root / "b" / "up").symlink_to("..")            # a loop back to the top
+    (root / "b" / "also_a").symlink_to("../a")      # a's images again, under class b
+    (root / "a" / "self").symlink_to(".")           # a loop onto itself
+    ds = FolderDataset(root, resolution=8)
+    assert len(ds) == 6 and ds.class_names == ("a", "b")
+    assert ds.labels.tolist() == [0, 0, 0, 1, 1, 1]
+
+
+def test_only_the_promised_image_formats_are_decoded(flat):
+    """A .png holding PostScript (which PIL would hand to Ghostscript) or a GIF is refused, named."""
+    (flat / "img_5.png").write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n")
+    msg = _error(path=flat, resolution=8)
+    assert "img_5.png cannot be read as an image" in msg
+    Image.fromarray(_pattern(10, 10, 1)).save(flat / "img_5.png", format="GIF")
+    assert "img_5.png cannot be read as an image" in _error(path=flat, resolution=8)
 
 
 def test_streaming_from_memmap_equals_in_memory(classes, monkeypatch):

@@ -11,13 +11,21 @@ grey (channels=1: PIL's "L", ITU-R 601-2 luma) or RGB (channels=3), their shorte
 item per file: [C, L], [C, H, W] or [C, D, H, W], the same shape in every file and the same size on every
 spatial axis) are kept as float32 as they are: their values must already lie in [−1, 1].
 
-The files are decoded once (a DataLoader with workers, as Flowers102) into a cache keyed by the file list
-with sizes and mtimes, the resolution and the channels, so a later run reads one file instead. The cache
-goes beside the folder, in `<parent>/<name>.diffuse-cache/` (not inside it: torchvision's ImageFolder
-would take a cache folder there for a class), or under ~/.cache/diffuse/folder-cache/ when the parent is
-not writable. A set whose decoded size exceeds `max_memory_mb` is cached as a memory-mapped .npy instead
-and each batch is read from it (the OS keeps what fits in its page cache), so folders larger than RAM
-train too, at the cost of disk reads per batch.
+Only the formats promised are decoded (PIL is told PNG, JPEG, WEBP, BMP: a `.png` that holds PostScript is
+refused, never handed to Ghostscript). Symbolic links are followed, but each real folder is read once: a
+link back up the tree (`b/up -> ..`) or into another class is skipped with a warning, so no file is
+counted twice or under another class.
+
+The files are decoded once (a DataLoader with workers, as Flowers102) into a cache keyed by the SHA-256 of
+every file's content (with its path), the resolution and the channels, so a later run reads the files
+(hashing is far cheaper than decoding) and one cache file instead; a file whose content changed is decoded
+again whatever its size and mtime say (`cp -p`, `rsync -a` and tar keep those). The cache lives in the
+user's own cache folder, $XDG_CACHE_HOME/diffuse/folder-cache/ (default ~/.cache/…), one sub-folder per
+dataset folder, or in `dataset.cache_dir`: never beside or inside the data, where whoever can write the data's
+folder could plant one and where a class folder's cache would look like data to its parent. Folders named
+`*.diffuse-cache` (written there by older versions) are skipped when scanning. A set whose decoded size
+exceeds `max_memory_mb` is cached as a memory-mapped .npy instead and each batch is read from it (the OS
+keeps what fits in its page cache), so folders larger than RAM train too, at the cost of disk reads per batch.
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ from torch import Tensor
 from diffuse.data.vision import InMemoryImages
 from diffuse.devices import to_device
 from diffuse.errors import DiffuseError
+from diffuse.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +54,15 @@ ARRAY_EXTENSION = ".npy"
 DEFAULT_EXTENSIONS = (*IMAGE_EXTENSIONS, ARRAY_EXTENSION)
 DEFAULT_MAX_MEMORY_MB = 4096  # decoded sets above this are memory-mapped from disk instead of held in RAM
 RANGE_TOLERANCE = 1e-3        # arrays: |value| ≤ 1 + this
-HOME_CACHE = "~/.cache/diffuse/folder-cache"
 RESOLVER = "folder_classes"   # ${folder_classes:PATH,EXTENSIONS} in conf/dataset/folder.yaml
-CACHE_VERSION = 1             # part of the cache key: bump when decoding changes
+CACHE_VERSION = 2             # part of the cache key: bump when decoding changes
+OLD_CACHE_SUFFIX = ".diffuse-cache"        # the cache folders older versions wrote beside the data: never data
+PIL_FORMATS = ("PNG", "JPEG", "WEBP", "BMP")  # what IMAGE_EXTENSIONS promise; PIL tries no other decoder
+
+
+def home_cache() -> Path:
+    """$XDG_CACHE_HOME/diffuse/folder-cache, else ~/.cache/diffuse/folder-cache."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "diffuse" / "folder-cache"
 
 
 # -- the folder's layout ----------------------------------------------------------------------------------
@@ -63,10 +78,33 @@ def _is_data(name: str, exts: tuple[str, ...]) -> bool:
     return not name.startswith(".") and name.lower().endswith(exts)
 
 
-def _walk(folder: Path, exts: tuple[str, ...]):
-    """Relative posix paths of the data files under `folder` (any depth, hidden entries skipped), lazily."""
+def _is_folder_to_read(name: str) -> bool:
+    return not name.startswith(".") and not name.endswith(OLD_CACHE_SUFFIX)
+
+
+def _identity(path) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def _walk(folder: Path, exts: tuple[str, ...], seen: set[tuple[int, int]]):
+    """Relative posix paths of the data files under `folder` (any depth, hidden entries skipped), lazily.
+    Links are followed, but a real folder already in `seen` (read before, or an ancestor: a loop) is
+    skipped with a warning; `seen` is shared across the scan, so no folder is read twice."""
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        keep = []
+        for d in sorted(d for d in dirnames if _is_folder_to_read(d)):
+            try:
+                identity = _identity(os.path.join(dirpath, d))
+            except OSError:
+                continue
+            if identity in seen:
+                log.warning("dataset folder: skipping %s: it leads to a folder already read (a link loop or a "
+                            "second link to it)", os.path.join(dirpath, d))
+                continue
+            seen.add(identity)
+            keep.append(d)
+        dirnames[:] = keep
         rel = Path(dirpath).relative_to(folder)
         for name in sorted(filenames):
             if _is_data(name, exts):
@@ -97,9 +135,15 @@ def scan_folder(path: str | os.PathLike, extensions: Iterable[str] | None = None
         entries = sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
     top = [e.name for e in entries if not e.is_dir() and _is_data(e.name, exts)]
     classes: dict[str, list[str]] = {}
+    seen = {_identity(root)}
     for e in entries:
-        if e.is_dir():
-            files = list(_walk(Path(e.path), exts))
+        if e.is_dir() and _is_folder_to_read(e.name):
+            identity = _identity(e.path)
+            if identity in seen:
+                log.warning("dataset folder: skipping %s: it leads to a folder already read", e.path)
+                continue
+            seen.add(identity)
+            files = list(_walk(Path(e.path), exts, seen))
             if files:
                 classes[e.name] = files
             else:
@@ -127,7 +171,7 @@ def scan_folder(path: str | os.PathLike, extensions: Iterable[str] | None = None
     return layout
 
 
-def _has_data(folder: str, exts: tuple[str, ...]) -> bool:
+def _has_data(folder: str, exts: tuple[str, ...], depth: int = 0) -> bool:
     """Whether any data file lies under `folder`, stopping at the first one found."""
     subdirs = []
     with os.scandir(folder) as it:
@@ -135,10 +179,11 @@ def _has_data(folder: str, exts: tuple[str, ...]) -> bool:
             if e.name.startswith("."):
                 continue
             if e.is_dir():
-                subdirs.append(e.path)
+                if _is_folder_to_read(e.name):
+                    subdirs.append(e.path)
             elif _is_data(e.name, exts):
                 return True
-    return any(_has_data(d, exts) for d in subdirs)
+    return any(_has_data(d, exts, depth + 1) for d in subdirs) if depth < 64 else False
 
 
 def count_classes(path, extensions=None) -> int:
@@ -152,9 +197,17 @@ def count_classes(path, extensions=None) -> int:
             entries = [e for e in it if not e.name.startswith(".")]
         if any(not e.is_dir() and _is_data(e.name, exts) for e in entries):
             return 0
-        return sum(1 for e in entries if e.is_dir() and _has_data(e.path, exts))
+        return sum(1 for e in entries if e.is_dir() and _is_folder_to_read(e.name) and _has_data(e.path, exts))
     except Exception:  # noqa: BLE001 - composing must not fail here; the dataset's own checks name the problem
         return 0
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 # -- decoding one file (in DataLoader workers) --------------------------------------------------------------
@@ -194,7 +247,7 @@ class _Decode(torch.utils.data.Dataset):
             from PIL import Image
 
             try:
-                with Image.open(path) as img:
+                with Image.open(path, formats=PIL_FORMATS) as img:
                     img = _pil_convert(img, self.shape[0])  # decodes: a truncated file fails here
             except Exception as e:  # noqa: BLE001 - any decoder error is the file's
                 raise ValueError(f"cannot be read as an image ({_one_line(e)})") from None
@@ -324,29 +377,27 @@ class FolderDataset(InMemoryImages):
         return len(self.files) * int(np.prod(self.item_shape)) * itemsize > self.max_memory_mb * 2**20
 
     def cache_dirs(self) -> list[Path]:
-        """Where the cache is looked for and written, in order: dataset.cache_dir if set; else beside the
-        folder, then ~/.cache/diffuse/folder-cache/<name>-<hash of its absolute path>."""
+        """Where the cache is looked for and written: dataset.cache_dir if set, else the user's own cache folder
+        (home_cache()/<name>-<hash of the folder's absolute path>), never a folder beside the data."""
         if self.cache_dir is not None:
             return [self.cache_dir]
         digest = hashlib.sha1(str(self.root).encode()).hexdigest()[:12]
-        home = Path(HOME_CACHE).expanduser() / f"{self.root.name or 'root'}-{digest}"
-        return [self.root.parent / f"{self.root.name}.diffuse-cache", home] if self.root.name else [home]
+        return [home_cache() / f"{self.root.name or 'root'}-{digest}"]
 
     def cache_stem(self) -> str:
         shape = "x".join(map(str, self.item_shape))
         return f"{self.kind}-{shape}{'-mmap' if self.streaming else ''}"
 
     def cache_key(self) -> str:
-        """A hash of everything the decoded set depends on: the files (path, size, mtime), the item shape
-        (resolution, channels) and the decoding itself (CACHE_VERSION)."""
-        stats = []
+        """A hash of everything the decoded set depends on: every file's path and content (SHA-256), the item
+        shape (resolution, channels) and the decoding itself (CACHE_VERSION)."""
+        digests = []
         for f in self.files:
             try:
-                st = os.stat(self.root / f)
+                digests.append((f, _sha256(self.root / f)))
             except OSError as e:
                 raise DiffuseError(f"dataset folder: cannot read {self.root / f}: {e.strerror}") from None
-            stats.append((f, st.st_size, st.st_mtime_ns))
-        blob = json.dumps([CACHE_VERSION, self.kind, list(self.item_shape), stats]).encode()
+        blob = json.dumps([CACHE_VERSION, self.kind, list(self.item_shape), digests]).encode()
         return hashlib.sha256(blob).hexdigest()
 
     def _load_or_decode(self) -> None:
@@ -385,14 +436,10 @@ class FolderDataset(InMemoryImages):
     def _save(self, key: str, stem: str) -> None:
         for folder in self.cache_dirs():
             path = folder / f"{stem}.pt"
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
             try:
-                folder.mkdir(parents=True, exist_ok=True)
-                torch.save({"key": key, "images": self.images}, tmp)
-                os.replace(tmp, path)
-            except OSError as e:  # not writable here: the next place
-                log.info("dataset folder: cannot write the cache in %s (%s)", folder, e.strerror or e)
-                tmp.unlink(missing_ok=True)
+                atomic_write(path, lambda tmp: torch.save({"key": key, "images": self.images}, tmp), "the cache")
+            except DiffuseError as e:  # not writable here (or a full disk): decoded again next time
+                log.info("dataset folder: %s", e)
                 continue
             self.cache_path = path
             log.info("dataset folder: cached %d decoded items at %s", len(self.files), path)
