@@ -12,6 +12,7 @@ allowed explicitly (`allow_targets: [mypkg.]`), each named by its defining modul
 from __future__ import annotations
 
 import importlib
+import re
 from collections.abc import Iterable, Mapping, Sequence
 
 from hydra.utils import instantiate
@@ -74,6 +75,77 @@ def upgrade_stored_config(config):
     return config
 
 
+# ----- a stored config's shape: what the tool writes, nothing else -------------------------------------------
+MAX_DEPTH = 24  # our configs nest 4–6 levels; deeper is not a file we wrote (and would exhaust recursion)
+HYDRA_SPECIAL_KEYS = ("_partial_", "_args_", "_recursive_", "_convert_")  # instantiate would act on them
+# A live interpolation: `${` after an even number (0, 2, …) of backslashes. Configs are stored escaped
+# (escape_interpolations), so a file that holds one was not written by diffuse.
+_LIVE_INTERPOLATION = re.compile(r"(?<!\\)(?:\\\\)*\$\{")
+
+
+def check_structure(node, source: str, path: str = "", depth: int = 0) -> None:
+    """Refuse a stored config that is not plain data as the tool writes it: nested mappings with string keys,
+    lists, and None/bool/int/float/str leaves; at most MAX_DEPTH levels; no Hydra special key but `_target_`;
+    no live interpolation (`${…}`, which OmegaConf would resolve: `oc.create` builds nodes unchecked)."""
+    if depth > MAX_DEPTH:
+        raise DiffuseError(f"{source}: {path or 'the config'} nests deeper than {MAX_DEPTH} levels: not a config "
+                           "diffuse writes")
+    if isinstance(node, Mapping):
+        for key, value in node.items():
+            if not isinstance(key, str):
+                raise DiffuseError(f"{source}: {path or 'the config'} has a key {key!r} that is not a string")
+            where = f"{path}.{key}" if path else key
+            if key in HYDRA_SPECIAL_KEYS:
+                raise DiffuseError(f"{source}: refusing {where}: a stored config may not use Hydra's {key}")
+            check_structure(value, source, where, depth + 1)
+    elif isinstance(node, (list, tuple)):
+        for i, value in enumerate(node):
+            check_structure(value, source, f"{path}[{i}]", depth + 1)
+    elif isinstance(node, str):
+        if _LIVE_INTERPOLATION.search(node):
+            raise DiffuseError(f"{source}: refusing {path}={node[:80]!r}: a stored config holds no interpolations")
+    elif node is not None and not isinstance(node, (bool, int, float)):
+        raise DiffuseError(f"{source}: {path} holds a {type(node).__name__}, not a config value")
+
+
+def _escape(text: str) -> str:
+    """OmegaConf's escape: `${` → `\\${` and each backslash right before it doubled, so that OmegaConf reads the
+    string back as exactly `text`."""
+    return re.sub(r"(\\*)\$\{", lambda m: m.group(1) * 2 + "\\${", text)
+
+
+def escape_interpolations(node):
+    """A resolved config (plain containers) with every string escaped for OmegaConf: a value that holds `${`
+    (`logger.name='exp\\${1}'` on the command line) is stored, and read back, as the literal it was."""
+    if isinstance(node, dict):
+        return {k: escape_interpolations(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [escape_interpolations(v) for v in node]
+    return _escape(node) if isinstance(node, str) and "${" in node else node
+
+
+# ----- the places a stored config may not choose ------------------------------------------------------------
+# Dataset keys that say where the tool reads, writes or downloads. A stored config's values for them are
+# never used: `diffuse evaluate` takes them from its own config (data_root, download), a resumed run from the
+# command line (dataset.root=…, dataset.path=…) or the defaults.
+LOCATION_KEYS = ("root", "path", "cache_dir", "download")
+LOCATION_DEFAULTS = {"root": None, "cache_dir": None, "download": False}
+
+
+def without_locations(node: dict, given: Mapping | None = None) -> dict:
+    """A dataset node (plain dict; a latent one's inner `data` too) with its LOCATION_KEYS replaced by `given`'s
+    values where `given` names them, else by the defaults (no root: the default data folder; no cache_dir;
+    no download; no path: the folder dataset then asks for one). Returns a new dict."""
+    given = given or {}
+    out = dict(node)
+    for key in LOCATION_KEYS:
+        if key in out or key in given:
+            out[key] = given.get(key, LOCATION_DEFAULTS.get(key))
+    if isinstance(out.get("data"), dict):
+        out["data"] = without_locations(out["data"], given)
+    return out
+
+
 def _walk(node, path: str):
     """(dotted key, value) of every leaf and every `_target_` in a nested dict/list config."""
     if isinstance(node, (Mapping, DictConfig)):
@@ -114,10 +186,8 @@ def check_targets(config, source: str, allow: Iterable[str] = ()) -> None:
     prefixes = PART_PACKAGES + tuple(str(p) for p in allow or () if p)
     if isinstance(config, (DictConfig, ListConfig)):
         config = OmegaConf.to_container(config, resolve=False)
+    check_structure(config, source)
     for key, value in _walk(config, ""):
-        if isinstance(value, str) and "${" in value:
-            # stored configs are saved resolved: an interpolation could build a node (oc.create) unchecked
-            raise DiffuseError(f"{source}: refusing {key}={value!r}: a stored config holds no interpolations")
         if key.rpartition(".")[2] != "_target_":
             continue
         target = value

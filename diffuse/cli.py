@@ -99,6 +99,19 @@ def own_sampler_overrides(config_name: str, overrides: list[str]) -> list[str]:
     return [f"++{o}" if o.startswith("sampler.") else o for o in overrides]
 
 
+TRAINERS = ("train", "train_vae")
+DATA_LOCATIONS = ("dataset.root=", "dataset.path=", "dataset.cache_dir=", "dataset.download=")
+
+
+def resume_overrides(config_name: str, overrides: list[str]) -> list[str]:
+    """`diffuse train resume=R dataset.path=/data/faces`: a resumed run takes where its data lies from the command
+    line (never from its checkpoint), but the composed config's dataset is the default one, which may lack
+    the key; `++dataset.path=…` adds it (the job copies it onto the run's own dataset)."""
+    if config_name not in TRAINERS or not any(o.startswith("resume=") for o in overrides):
+        return overrides
+    return [f"++{o}" if o.startswith(DATA_LOCATIONS) else o for o in overrides]
+
+
 def _distributed_overrides() -> list[str]:
     """Under torchrun (or several Slurm tasks) only rank 0 writes a Hydra run dir; the others write nothing."""
     from diffuse.training.distributed import launched_rank_world
@@ -121,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     config_name, extra = ALIASES.get(job, (job, []))
     overrides, flags = split_flags(translate(rest))
-    overrides = own_sampler_overrides(config_name, overrides)
+    overrides = resume_overrides(config_name, own_sampler_overrides(config_name, overrides))
     overrides = extra + overrides + [f"hydra.job.name={config_name}"] + _distributed_overrides() + flags
     from diffuse.app import launch  # Hydra is imported only once we know there is a job to run
 

@@ -39,6 +39,7 @@ class Rule:
     choices: tuple = ()
     nullable: bool = False
     auto: bool = False
+    infinite: bool = False  # float: ±inf allowed (sampler.s_tmax: .inf); NaN never is
 
     def allowed(self) -> str:
         if self.kind == "bool":
@@ -64,7 +65,7 @@ class Rule:
             + (" or null" if self.nullable and self.auto else ", or null" if self.nullable else "")
 
     def _in_range(self, v: float) -> bool:
-        if isinstance(v, float) and math.isnan(v):
+        if isinstance(v, float) and (math.isnan(v) or (math.isinf(v) and not self.infinite)):
             return False
         if self.lo is not None and (v < self.lo or (self.open_lo and v == self.lo)):
             return False
@@ -101,8 +102,9 @@ def Int(lo=None, hi=None, nullable=False, auto=False):  # noqa: N802 - reads as 
     return Rule("int", lo, hi, nullable=nullable, auto=auto)
 
 
-def Float(lo=None, hi=None, open_lo=False, open_hi=False, nullable=False, auto=False):  # noqa: N802
-    return Rule("float", lo, hi, open_lo, open_hi, nullable=nullable, auto=auto)
+def Float(lo=None, hi=None, open_lo=False, open_hi=False, nullable=False, auto=False, infinite=False):  # noqa: N802
+    """A finite number (infinite=True: ±inf too) within the bounds."""
+    return Rule("float", lo, hi, open_lo, open_hi, nullable=nullable, auto=auto, infinite=infinite)
 
 
 def Choice(*choices, nullable=False):  # noqa: N802
@@ -114,7 +116,8 @@ POSITIVE = Float(0, open_lo=True)
 PROBABILITY = Float(0, 1)
 
 PRECISION = Choice("fp32", "bf16", "fp16", "auto")
-COMMON = {"seed": Int(), "device": None}  # device: checked by resolve_device (cuda:N etc.)
+MAX_SEED = 2**32 - 1  # sample i draws with seed + i, the loss generator with seed·7919 + rank: all within 64 bits
+COMMON = {"seed": Int(0, MAX_SEED), "device": None}  # device: checked by resolve_device (cuda:N etc.)
 GUIDANCE = {"guidance.scale": Float(0, auto=True)}
 
 TRAINER = {
@@ -136,7 +139,7 @@ SAMPLER = {
     "steps": Int(1, auto=True), "spacing": Choice(*SPACINGS), "clip_x0": BOOL,
     "clip_range": Rule("pair"), "dynamic_threshold": Float(0, 1, open_lo=True, nullable=True), "eta": PROBABILITY, "variance": Choice("beta", "posterior"),
     "t_end": Float(0, 1, open_lo=True, open_hi=True, nullable=True), "snr": POSITIVE,
-    "corrector_steps": Int(0), "s_churn": Float(0), "s_tmin": Float(0), "s_tmax": Float(0), "s_noise": POSITIVE,
+    "corrector_steps": Int(0), "s_churn": Float(0), "s_tmin": Float(0), "s_tmax": Float(0, infinite=True), "s_noise": POSITIVE,
 }
 SCHEDULE = {
     "num_timesteps": Int(2), "beta_start": Float(0, 1, open_lo=True, open_hi=True),
@@ -175,10 +178,12 @@ JOBS = {
                "precision": PRECISION, "use_ema": BOOL, "view": Choice("slices", "mip"),
                "grid_max_columns": Int(1), "animation.enabled": BOOL, "animation.frames": Int(2), "animation.fps": Int(1),
                "animation.format": Choice("gif", "mp4"), "animation.hold": Float(0), "animation.strip_steps": Int(1)},
-    "evaluate": {**COMMON, **GUIDANCE, "num_samples": Int(2), "label_bank": Int(1), "batch_size": Int(1), "precision": PRECISION,
+    "evaluate": {**COMMON, **GUIDANCE, "num_samples": Int(2), "label_bank": Int(1), "download": BOOL, "batch_size": Int(1), "precision": PRECISION,
                  "use_ema": BOOL, "save_samples": BOOL, "inception_batch_size": Int(1), "kid_subset_size": Int(2),
                  "kid_subsets": Int(1), "prc_neighborhood": Int(1)},
     "export": {"use_ema": BOOL},
+    "stored": {**GUIDANCE, "dim": Choice(1, 2, 3), "conditional": BOOL, "objective.prediction": Choice("eps", "x0", "v"),
+               "objective.weighting": Choice("none", "min_snr"), "objective.min_snr_gamma": POSITIVE},
 }
 
 
@@ -196,14 +201,14 @@ def _show(value) -> str:
     return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
-def validate(cfg: DictConfig, job: str) -> None:
+def validate(cfg: DictConfig, job: str, groups: Sequence[str] = tuple(GROUPS)) -> None:
     """Check every value of a composed `job` config (train, train_vae, sample, evaluate) against its rule."""
     for key, rule in JOBS.get(job, {}).items():
         value = OmegaConf.select(cfg, key, default="__missing__")
         if value != "__missing__":
             _check(key, value, rule)
-    for group, rules in GROUPS.items():
-        node = cfg.get(group)
+    for group in groups:
+        rules, node = GROUPS[group], cfg.get(group)
         if not isinstance(node, DictConfig):
             continue
         if group in ("model", "vae") and not str(node.get("_target_") or "diffuse.").startswith("diffuse."):
@@ -214,8 +219,24 @@ def validate(cfg: DictConfig, job: str) -> None:
     _check_combinations(cfg, job)
 
 
+# What sampling reads from a stored config (a checkpoint's or an export's config.json), checked by the same rules
+# as the command line's: the trainer's settings are not (a run already trained with them).
+STORED_GROUPS = ("model", "schedule", "sampler", "dataset")
+
+
+def validate_stored(config, source: str) -> None:
+    """A config read from a file: the rules of the groups sampling builds, and the run keys it reads (dim,
+    conditional, objective, guidance, seed); one line naming the file."""
+    cfg = config if isinstance(config, DictConfig) else OmegaConf.create(config)
+    try:
+        validate(cfg, "stored", STORED_GROUPS)
+    except DiffuseError as e:
+        raise DiffuseError(f"{source}: stored config: {e}") from None
+
+
 def _check_combinations(cfg: DictConfig, job: str) -> None:
-    trainer, sampler = cfg.get("trainer"), cfg.get("sampler")
+    trainer = cfg.get("trainer") if job != "stored" else None  # a stored run trained already
+    sampler = cfg.get("sampler")
     if isinstance(sampler, DictConfig) and "guidance_scale" in sampler:
         raise DiffuseError("sampler.guidance_scale is now guidance.scale (guidance belongs to the denoiser, which "
                            "every sampler calls, not to a sampler): use guidance.scale=W")
@@ -295,16 +316,23 @@ def check_guidance(scale: float, conditional: bool, cond_drop_prob: float, run: 
                            "garbage; use guidance.scale=0 (or retrain with cond_drop_prob=0.1)")
 
 
+MAX_ITEM_VALUES = 2**28  # one item of 1 GiB in fp32 (3-D 512³ is 2**27): larger is a typo, not a dataset
+
+
 def check_model_fits_data(model: torch.nn.Module, shape: Sequence[int], num_classes: int, what: str) -> None:
-    """Run the model once on a zero batch of one item [1, *shape] (on the CPU, before training moves it)
+    """Run the model once on a zero batch of one item [1, *shape] (on the model's device)
     so that a resolution it cannot downsample, or too few channels, is one line now, not a traceback later."""
-    x = torch.zeros(1, *shape)
-    y = torch.zeros(1, dtype=torch.long) if num_classes else None
+    if math.prod(int(v) for v in shape) > MAX_ITEM_VALUES:
+        raise DiffuseError(f"{what}: one item of shape {tuple(shape)} holds more than {MAX_ITEM_VALUES} values, "
+                           "more than any network here trains on: lower dataset.resolution")
     was_training = model.training
     try:
+        device = next(model.parameters(), torch.zeros(())).device
+        x = torch.zeros(1, *shape, device=device)  # inside: a shape too large to allocate is the config's error too
+        y = torch.zeros(1, dtype=torch.long, device=device) if num_classes else None
         with torch.no_grad():
-            model.eval()(x, torch.full((1,), 0.5), y)
-    except (ValueError, RuntimeError) as e:
+            model.eval()(x, torch.full((1,), 0.5, device=device), y)
+    except (ValueError, RuntimeError, MemoryError, TypeError, IndexError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DiffuseError(f"{what} does not fit model {type(model).__name__}: {msg}") from None
     finally:

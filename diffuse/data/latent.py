@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 
 LATENT_DATASET = "diffuse.data.latent.LatentDataset"
 CHECKPOINT_KEY = "latent_vae"  # the VAE record inside a latent-diffusion checkpoint
+NO_EMBEDDED_VAE = ("this latent-diffusion checkpoint does not carry its VAE (written before diffuse embedded it), "
+                   "and a VAE path that a checkpoint names is never opened: train the latent run again")
 
 
 # ----- the VAE: from its own checkpoint, or from the record a diffusion checkpoint embeds --------------
@@ -75,8 +77,8 @@ def latent_decoder(state: dict, device: torch.device | str = "cpu") -> Callable[
     latent = (state.get("config") or {}).get("latent") or {}
     if CHECKPOINT_KEY in state:
         record = state[CHECKPOINT_KEY]
-    elif latent.get("vae"):
-        record = read_vae_checkpoint(latent["vae"])
+    elif latent.get("vae"):  # a checkpoint never chooses a file to open: only the VAE it carries is used
+        raise DiffuseError(NO_EMBEDDED_VAE)
     else:
         return lambda x: x
     vae = vae_from_record(record, device)
@@ -93,7 +95,8 @@ def is_latent_run(config: DictConfig | dict) -> bool:
 class LatentDataset:
     """A dataset seen through a frozen VAE encoder: items are scaled latents z = (μ + σ·ε)·scale_factor.
 
-    data: any dataset (the `diffuse.data` interface); vae: a VAE checkpoint path or a VAE.
+    data: any dataset (the `diffuse.data` interface); vae: a VAE checkpoint path, a VAE, or a VAE record
+        ({config, weights, path, step}, as read_vae_checkpoint returns and a latent checkpoint embeds).
     cache: encode every item once up front and keep μ, σ in memory (`to(device)` moves them), without
         the data's random augmentation (flips); cache=false encodes each batch instead.
     sample: draw z from the posterior with the batch's generator (LDM); false: z = μ.
@@ -107,6 +110,8 @@ class LatentDataset:
         self.device = resolve_device(device) if isinstance(device, str) else torch.device(device)
         if isinstance(vae, VAE):
             self.vae, self.record = vae.to(self.device).eval().requires_grad_(False), None
+        elif isinstance(vae, dict):  # a record (read_vae_checkpoint's, or the one a checkpoint embeds)
+            self.record, self.vae = vae, vae_from_record(vae, self.device)
         else:
             self.record = read_vae_checkpoint(vae)
             self.vae = vae_from_record(self.record, self.device)

@@ -12,7 +12,8 @@ from typing import Callable
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from diffuse.building import build
+from diffuse.building import LOCATION_KEYS, build, escape_interpolations, without_locations
+from diffuse.data.latent import LatentDataset, is_latent_run
 from diffuse.devices import resolve_device
 from diffuse.dims import check_dim, item_shape
 from diffuse.errors import DiffuseError
@@ -21,15 +22,22 @@ from diffuse.training.checkpoint import KINDS, latest_run, load_checkpoint, run_
 from diffuse.training.distributed import broadcast_object, cleanup, init_distributed
 from diffuse.training.loop import Run, Trainer
 from diffuse.training.export import is_export, read_export, run_config
-from diffuse.validation import validate
+from diffuse.validation import validate, validate_stored
 
 log = logging.getLogger(__name__)
 
 
-def build_dataset(cfg: DictConfig, device: torch.device | None = None):
+def build_dataset(cfg: DictConfig, device: torch.device | None = None, vae_record: dict | None = None):
     """The configured dataset, checked against the run's `dim`. With a device, datasets that can (in-memory
-    images, `shapes`) move there, so batches are drawn on the training device, not copied to it."""
-    dataset = build(cfg.dataset, "dataset")
+    images, `shapes`) move there, so batches are drawn on the training device, not copied to it.
+    vae_record: a resumed latent run's VAE as its checkpoint embeds it, used instead of any VAE path the
+    stored config names (a checkpoint never chooses which files are read)."""
+    if vae_record is not None and is_latent_run(cfg):
+        node = OmegaConf.to_container(cfg.dataset, resolve=True)
+        del node["_target_"]
+        dataset = LatentDataset(**{**node, "data": build(node["data"], "dataset"), "vae": vae_record})
+    else:
+        dataset = build(cfg.dataset, "dataset")
     if dataset.dim != cfg.dim:
         name = cfg.dataset._target_.rsplit(".", 1)[-1]
         raise DiffuseError(f"dataset {name} is {dataset.dim}-D but dim={cfg.dim}")
@@ -95,24 +103,43 @@ def override_keys(overrides: list[str]) -> list[str]:
     return [key for key in keys if not key.startswith("hydra.")]
 
 
+def location_key(key: str) -> bool:
+    """dataset.root / path / cache_dir / download: where the data is read, cached or fetched from, which a
+    resumed run takes from the command line, never from its checkpoint (building.LOCATION_KEYS)."""
+    group, _, rest = key.partition(".")
+    return group == "dataset" and rest in LOCATION_KEYS
+
+
 def refuse_run_defining(overrides: list[str], kind: str) -> None:
-    """A resumed run keeps what defines it (model, data, schedule, …): changing it is an error."""
+    """A resumed run keeps what defines it (model, data, schedule, …, and the experiment that chose them):
+    changing it is an error. Where its data lies (dataset.root=…, dataset.path=…) is this machine's to say."""
     for key in override_keys(overrides):
         group = key.split(".")[0]
-        if group in RUN_DEFINING[kind]:
+        if group == "experiment":
+            raise DiffuseError(f"cannot change {key!r} when resuming: an experiment chooses the model, data and "
+                               "schedule, which the run keeps; start a new run instead")
+        if group in RUN_DEFINING[kind] and not location_key(key):
             raise DiffuseError(f"cannot change {key!r} when resuming: the run keeps its {group}; "
                                "start a new run instead")
 
 
 def merge_resume_config(saved: dict, cfg: DictConfig, overrides: list[str]) -> DictConfig:
     """The resumed run's config: the checkpoint's, plus the values this command line sets (e.g.
-    trainer.max_steps=…), taken from the composed config."""
-    merged = OmegaConf.create(saved)
-    for key in override_keys(overrides):
-        if key == "resume":
+    trainer.max_steps=…), taken from the composed config. The data's location (root, path, cache_dir,
+    download) comes from this command line or the defaults, never from the checkpoint: a latent run's
+    inner data takes it."""
+    keys = [k for k in override_keys(overrides) if k != "resume"]
+    given = {k.partition(".")[2]: OmegaConf.select(cfg, k) for k in keys if location_key(k)}
+    merged = OmegaConf.create({**saved, "dataset": without_locations(saved["dataset"], given)})
+    for key in keys:
+        if location_key(key):
             continue
         # a group choice (logger=none) replaces the whole node; a value (trainer.max_steps=…) just itself
         OmegaConf.update(merged, key, OmegaConf.select(cfg, key), force_add=True, merge=False)
+    inner = merged.dataset.get("data", merged.dataset)
+    if "path" in inner and not inner.path:
+        raise DiffuseError("this run trained on a folder (dataset=folder), and a checkpoint never chooses the files "
+                           "read: give the folder again with dataset.path=FOLDER")
     return merged
 
 
@@ -155,7 +182,9 @@ def start_run(cfg: DictConfig, run_dir: Path, state: dict | None, device: torch.
                       enabled=dist.is_main)
     if state is not None:
         tracker.drop_after(int(state["step"]))
-    return Run(dir=run_dir, tracker=tracker, dist=dist, device=device, seed=int(cfg.seed), config=config)
+    # stored escaped, so that a value holding `${` (logger.name='exp\\${1}') reads back as the literal it was
+    return Run(dir=run_dir, tracker=tracker, dist=dist, device=device, seed=int(cfg.seed),
+               config=escape_interpolations(config))
 
 
 def fit(trainer: Trainer, state: dict | None, what: str, after: Callable[[dict], None] | None = None) -> dict:
@@ -252,6 +281,7 @@ def load_run(spec: str | None, device: torch.device, use_ema: bool = True, allow
         return _load_export(path, device, use_ema, allow_targets)
     state = load_checkpoint(path, kind="diffusion", allow_targets=allow_targets)
     cfg = OmegaConf.create(state["config"])
+    validate_stored(cfg, str(path))
     model = build(cfg.model, "model")
     weights = state["ema"]["model"] if use_ema and "ema" in state else state["model"]
     try:
@@ -273,6 +303,7 @@ def _load_export(folder: Path, device: torch.device, use_ema: bool, allow_target
         log.warning("%s holds the EMA weights only (exported with use_ema=true): sampling those", folder)
     config = run_config(meta)
     cfg = OmegaConf.create(config)
+    validate_stored(cfg, str(folder / "config.json"))
     model = build(cfg.model, "model")
     try:
         model.load_state_dict(weights)

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from diffuse import fidelity, metrics
-from diffuse.building import build
+from diffuse.building import build, without_locations
 from diffuse.data.latent import is_latent_run
 from diffuse.diffusion.generation import class_labels
 from diffuse.diffusion.guidance import guidance_note
@@ -32,15 +32,21 @@ from diffuse.jobs.sampling import open_run, sampling_processes
 from diffuse.training.distributed import DistInfo
 
 
-def reference_dataset(saved: DictConfig, split: str | None, data_root: str | None):
-    """The run's own data (for latent runs the pixel data under the VAE), on the asked split and root."""
+def reference_dataset(saved: DictConfig, split: str | None, data_root: str | None, download: bool = False):
+    """The run's own data (for latent runs the pixel data under the VAE), on the asked split, read from where
+    *this* command says: `data_root` (a folder dataset's folder; the torchvision sets' root, default
+    $DIFFUSE_DATA or ~/.cache/diffuse/data) and `download`. The stored config names the dataset and its shape;
+    where it lies, caches or downloads from it never says (building.without_locations)."""
     node = saved.dataset.data if is_latent_run(saved) else saved.dataset
-    node = OmegaConf.create(OmegaConf.to_container(node, resolve=True))
+    node = OmegaConf.to_container(node, resolve=True)
+    given = {"root": data_root, "path": data_root, "download": bool(download)}
+    node = without_locations(node, {k: v for k, v in given.items() if k in node and v is not None})
+    if "path" in node and not node["path"]:
+        raise DiffuseError("the run trained on a folder of its own (dataset=folder), and a checkpoint never chooses "
+                           "the files read: give that folder with data_root=FOLDER")
     if split and "split" in node:
-        node.split = split
-    if data_root and "root" in node:
-        node.root = data_root
-    return build(node, "dataset")
+        node["split"] = split
+    return build(OmegaConf.create(node), "dataset")
 
 
 def _reference_order(dataset) -> torch.Tensor:
@@ -103,7 +109,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> d
 
 def reference(cfg: DictConfig, saved: DictConfig, n: int, inception: tuple[str, ...]):
     """The dataset and its two real sets (real_sets), checked against the Inception metrics asked for."""
-    dataset = reference_dataset(saved, cfg.get("reference_split"), cfg.get("data_root"))
+    dataset = reference_dataset(saved, cfg.get("reference_split"), cfg.get("data_root"), cfg.get("download", False))
     real = real_sets(dataset, n)
     if inception:  # 1-D / 3-D data, odd channel counts, settings that cannot work at n: refused before sampling
         fidelity.check_images(real[0].shape[1:])

@@ -13,10 +13,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from diffuse.data.latent import CHECKPOINT_KEY, is_latent_run, read_vae_checkpoint
+from diffuse.data.latent import CHECKPOINT_KEY, NO_EMBEDDED_VAE, is_latent_run
 from diffuse.errors import DiffuseError
 from diffuse.jobs.common import find_checkpoint, report
-from diffuse.training.checkpoint import load_checkpoint
+from diffuse.training.checkpoint import load_checkpoint, run_folder_of
 from diffuse.training.distributed import launched_rank_world
 from diffuse.training.export import write_export
 from diffuse.validation import run_guidance_scale, with_steps
@@ -41,11 +41,13 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> d
     if path.is_dir():
         raise DiffuseError(f"{path} is already a `diffuse export` folder")
     state = load_checkpoint(path, kind="diffusion", allow_targets=cfg.get("allow_targets") or ())
-    if is_latent_run(state["config"]) and CHECKPOINT_KEY not in state:  # older latent runs: the VAE by path
-        state[CHECKPOINT_KEY] = read_vae_checkpoint(state["config"]["latent"]["vae"])
+    if is_latent_run(state["config"]) and CHECKPOINT_KEY not in state:  # a stored VAE path is never opened
+        raise DiffuseError(NO_EMBEDDED_VAE)
     out = Path(str(cfg.out)).expanduser() if cfg.get("out") else Path(run_dir)
     state = {**state, "config": resolved_sampling(state["config"], str(path))}
-    paths = write_export(out, state, use_ema=bool(cfg.use_ema), source=str(path.resolve()))
+    run = run_folder_of(path)  # named from its run folder down: an export leaks no local file layout
+    source = str(path.resolve().relative_to(run.parent)) if run is not None else path.name
+    paths = write_export(out, state, use_ema=bool(cfg.use_ema), source=source)
     log.info("exported %s (step %d) → %s", path, int(state["step"]), out)
     report(*(f"{name}: {p}" for name, p in paths.items()), f"export: {out}")
     return {"checkpoint": str(path), "step": int(state["step"]), "export": str(out),

@@ -30,7 +30,7 @@ from diffuse.jobs.common import LoadedRun, find_checkpoint, joined_processes, lo
 from diffuse.jobs.latent_space import latent_sampler_config
 from diffuse.training.distributed import DistInfo, gather_to_main
 from diffuse.training.loop import PRECISIONS, resolve_precision, use_channels_last
-from diffuse.validation import run_guidance_scale, with_steps
+from diffuse.validation import check_model_fits_data, run_guidance_scale, with_steps
 
 log = logging.getLogger(__name__)
 
@@ -107,12 +107,15 @@ def open_run(cfg: DictConfig, device: torch.device | None = None, dist: DistInfo
     device = resolve_device(cfg.device) if device is None else device
     loaded = load_run(cfg.checkpoint, device, use_ema=cfg.use_ema, allow_targets=cfg.get("allow_targets") or ())
     saved = loaded.config
+    shape = config_item_shape(saved)  # a stored shape its model cannot take: one line now, not mid-sampling
+    check_model_fits_data(loaded.model, shape, int(getattr(loaded.model, "num_classes", 0) or 0),
+                          f"{loaded.path}: its data shape {shape} (dataset.channels, dataset.resolution)")
     scale = cfg.guidance.scale  # auto: the run's own, as sampler=null is its own sampler (its auto: auto again)
     guidance = run_guidance_scale(saved, f"the run {loaded.path}", None if scale == "auto" else scale)
     chosen = with_steps(latent_sampler_config(sampler_config(cfg.get("sampler"), saved), is_latent_run(saved)),
                         guidance)
     autocast_dtype = PRECISIONS[resolve_precision(cfg.get("precision", "auto"), device, loaded.model)]
-    plan = SamplingPlan(loaded.schedule, build(chosen, "sampler"), config_item_shape(saved),
+    plan = SamplingPlan(loaded.schedule, build(chosen, "sampler"), shape,
                         saved.objective.prediction, guidance, int(cfg.batch_size), device, int(cfg.seed),
                         autocast_dtype)
     return SamplingSession(loaded, prepare_for_sampling(loaded.model, device, autocast_dtype), plan, chosen,

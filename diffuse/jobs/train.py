@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from diffuse import media
 from diffuse.building import build
-from diffuse.data.latent import LATENT_DATASET, LatentDataset, is_latent_run
+from diffuse.data.latent import CHECKPOINT_KEY, LATENT_DATASET, NO_EMBEDDED_VAE, LatentDataset, is_latent_run
 from diffuse.data.loader import BatchStream
 from diffuse.diffusion.generation import SamplingPlan
 from diffuse.diffusion.guidance import null_class_of
@@ -152,7 +152,12 @@ def _train(cfg, run_dir, state, device, dist) -> dict:
     tcfg = cfg.trainer
     use_latent_space(cfg)  # latent.vae=PATH: cfg.dataset becomes that VAE's latents of the data
     model = build_model(cfg, state, dist.is_main).to(device)
-    dataset = build_dataset(cfg, device)
+    record = None
+    if state is not None and is_latent_run(cfg):  # the VAE the checkpoint carries, never a path it names
+        record = state.get(CHECKPOINT_KEY)
+        if record is None:
+            raise DiffuseError(NO_EMBEDDED_VAE)
+    dataset = build_dataset(cfg, device, vae_record=record)
     schedule = build(cfg.schedule, "schedule")
     loss_fn = DiffusionLoss(cfg.objective.prediction, cfg.objective.weighting, cfg.objective.min_snr_gamma,
                             cond_drop_prob=tcfg.cond_drop_prob, null_class=null_class_of(model))

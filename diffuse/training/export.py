@@ -18,13 +18,14 @@ Reading never runs code: safetensors holds tensors only, and `read_export` vets 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 
-from diffuse.building import check_targets, upgrade_stored_config
+from diffuse.building import check_targets, upgrade_stored_config, without_locations
 from diffuse.errors import DiffuseError
+from diffuse.files import atomic_write
+from diffuse.training.checkpoint import check_weights
 
 FORMAT = "diffuse-export"
 VERSION = 1
@@ -44,20 +45,22 @@ def _tensors(weights: dict) -> dict[str, torch.Tensor]:
             for k, v in weights.items() if isinstance(v, torch.Tensor)}
 
 
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise DiffuseError(f"cannot write {path}: {e.strerror or e}") from None
+def _portable(node):
+    """A config node without this machine's file layout: the data's location keys reset (building.
+    without_locations) and VAE paths cut to their file name; the shape-defining values kept."""
+    if not isinstance(node, dict):
+        return node
+    node = without_locations(node) if "_target_" in node else dict(node)
+    if isinstance(node.get("vae"), str):
+        node["vae"] = Path(node["vae"]).name
+    return node
 
 
 def export_metadata(state: dict, weights: str, source: str) -> dict:
-    """config.json's content for a (vetted) diffusion checkpoint `state`."""
+    """config.json's content for a (vetted) diffusion checkpoint `state`; `source` names the checkpoint without
+    the folders above its run folder (an export leaks no local file layout)."""
     config = state.get("config") or {}
-    dataset = config.get("dataset") or {}
+    dataset = _portable(config.get("dataset") or {})
     vae = state.get("latent_vae")
     return {
         "format": FORMAT, "version": VERSION, "kind": "diffusion", "weights": weights,
@@ -69,9 +72,9 @@ def export_metadata(state: dict, weights: str, source: str) -> dict:
         "data_shape": [int(dataset["channels"]), *[int(dataset["resolution"])] * int(config["dim"])],
         "class_names": [str(c) for c in state.get("class_names") or []],
         "cond_drop_prob": float((config.get("trainer") or {}).get("cond_drop_prob") or 0.0),
-        "latent": config.get("latent"),
+        "latent": _portable(config.get("latent")),
         "files": {"model": WEIGHTS, "vae": VAE_WEIGHTS if vae else None},
-        "vae": {"config": vae["config"], "step": int(vae.get("step", 0)), "source": str(vae.get("path", ""))}
+        "vae": {"config": vae["config"], "step": int(vae.get("step", 0)), "source": Path(str(vae.get("path", ""))).name}
         if vae else None,
     }
 
@@ -82,18 +85,21 @@ def write_export(folder: str | Path, state: dict, use_ema: bool = True, source: 
     from safetensors.torch import save_file
 
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DiffuseError(f"cannot write the export to {folder}: {e.strerror or e}") from None
     which = "ema" if use_ema and isinstance(state.get("ema"), dict) else "raw"
     weights = state["ema"]["model"] if which == "ema" else state["model"]
     meta = export_metadata(state, which, source)
     paths = {"model": folder / WEIGHTS}
     tag = {"format": "pt", "producer": FORMAT}
-    _atomic(paths["model"], lambda p: save_file(_tensors(weights), str(p), metadata=tag))
+    atomic_write(paths["model"], lambda p: save_file(_tensors(weights), str(p), metadata=tag))
     if meta["vae"] is not None:
         paths["vae"] = folder / VAE_WEIGHTS
-        _atomic(paths["vae"], lambda p: save_file(_tensors(state["latent_vae"]["weights"]), str(p), metadata=tag))
+        atomic_write(paths["vae"], lambda p: save_file(_tensors(state["latent_vae"]["weights"]), str(p), metadata=tag))
     paths["config"] = folder / CONFIG
-    _atomic(paths["config"], lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
+    atomic_write(paths["config"], lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
     return paths
 
 
@@ -127,11 +133,39 @@ def read_metadata(folder: str | Path, allow_targets=()) -> dict:
         raise DiffuseError(f"{path} has export version {meta.get('version')!r}; this diffuse reads ≤ {VERSION}")
     if meta.get("kind", "diffusion") != "diffusion":
         raise DiffuseError(f"{path} exports a {meta.get('kind')!r} model, but this needs a diffusion model")
-    check_targets(upgrade_stored_config(meta), str(path), allow_targets)
     missing = [k for k in ("model", "schedule", "dim", "dataset") if not meta.get(k)]
     if missing:
         raise DiffuseError(f"{path} lacks {', '.join(missing)}: not a complete diffuse export")
+    check_metadata(meta, str(path))
+    check_targets(upgrade_stored_config(meta), str(path), allow_targets)
     return meta
+
+
+# config.json's entries and what each must be (None allowed where the value may be null)
+_METADATA = {"model": (dict, False), "schedule": (dict, False), "dataset": (dict, False), "sampler": (dict, True),
+             "guidance": (dict, True), "objective": (dict, True), "latent": (dict, True), "vae": (dict, True),
+             "files": (dict, True), "conditional": (bool, True), "weights": (str, True), "step": (int, True),
+             "class_names": (list, True), "data_shape": (list, True), "cond_drop_prob": ((int, float), True),
+             "exported_from": (str, True)}
+
+
+def check_metadata(meta: dict, source: str) -> None:
+    """Refuse a config.json whose entries are not of the types `diffuse export` writes (one line each)."""
+    for key, (kind, nullable) in _METADATA.items():
+        value = meta.get(key)
+        if (value is None and nullable) or (isinstance(value, kind) and not (kind is int and isinstance(value, bool))):
+            continue
+        raise DiffuseError(f"{source}: {key} must be {'a mapping' if kind is dict else getattr(kind, '__name__', 'a number')}"
+                           f", found {type(value).__name__}: not a config.json `diffuse export` wrote")
+    for key in ("model", "schedule", "dataset"):
+        if not isinstance(meta[key].get("_target_"), str):
+            raise DiffuseError(f"{source}: {key} has no _target_: not a config.json `diffuse export` wrote")
+    if meta["dim"] not in (1, 2, 3) or isinstance(meta["dim"], bool):
+        raise DiffuseError(f"{source}: dim must be 1, 2 or 3; found {meta['dim']!r}")
+    if not all(isinstance(n, str) for n in meta.get("class_names") or []):
+        raise DiffuseError(f"{source}: class_names must be a list of strings")
+    if meta.get("vae") is not None and not isinstance(meta["vae"].get("config"), dict):
+        raise DiffuseError(f"{source}: vae.config must be the VAE's config (a mapping)")
 
 
 def read_export(folder: str | Path, allow_targets=()) -> tuple[dict, dict, dict | None]:
@@ -139,9 +173,11 @@ def read_export(folder: str | Path, allow_targets=()) -> tuple[dict, dict, dict 
     folder = Path(folder)
     meta = read_metadata(folder, allow_targets)
     weights = load_tensors(folder / WEIGHTS)
+    check_weights(weights, str(folder / WEIGHTS), "the weights")
     vae = None
     if meta.get("vae"):
         vae = load_tensors(folder / VAE_WEIGHTS)  # a fixed name: the file never chooses what is read
+        check_weights(vae, str(folder / VAE_WEIGHTS), "the VAE's weights")
     return meta, weights, vae
 
 

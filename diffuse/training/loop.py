@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from diffuse.devices import native_bf16
 from diffuse.errors import DiffuseError
-from diffuse.training.checkpoint import (mark_run, non_finite, prune_checkpoints, rng_state, save_checkpoint,
+from diffuse.training.checkpoint import (check_like, mark_run, non_finite, prune_checkpoints, rng_state, save_checkpoint,
                                          set_rng_state)
 from diffuse.training.distributed import DistInfo, all_gather_object, barrier
 from diffuse.training.ema import EMA
@@ -289,6 +289,43 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue from a checkpoint's state (vetted by load_checkpoint); a state that does not fit this run
+        (another network's weights, an optimizer of other parameters) is one line, and nothing is written."""
+        step = int(state["step"])
+        if step >= self.cfg.max_steps:  # the LR schedule has no value past its length; nothing to train
+            raise DiffuseError(f"already at step {step}: trainer.max_steps={self.cfg.max_steps} leaves nothing to "
+                               f"train; give trainer.max_steps above {step} to continue")
+        try:
+            self._load_state_dict(state)
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DiffuseError(f"the checkpoint's training state does not fit this run ({first[:200]})") from None
+
+    def _check_training_state(self, state: dict) -> None:
+        """The optimizer's, the data stream's and the EMA's entries of a checkpoint, checked against what this
+        run writes (check_like), so that an odd file fails here in one line, not inside a step."""
+        source = "the checkpoint"
+        mine = self.optimizer.state_dict()
+        optimizer = state.get("optimizer")
+        if not isinstance(optimizer, dict) or not isinstance(optimizer.get("state"), dict):
+            raise DiffuseError(f"{source}: optimizer must be the optimizer's state (a mapping with `state`)")
+        check_like(mine["param_groups"], optimizer.get("param_groups"), source, "optimizer.param_groups",
+                   optional_keys=HYPERPARAMETERS)  # this run's config sets those (_apply_configured_…)
+        params = list(self.raw_model.parameters())
+        for index, entry in optimizer["state"].items():
+            if not isinstance(index, int) or not 0 <= index < len(params) or not isinstance(entry, dict):
+                raise DiffuseError(f"{source}: optimizer.state has an entry {index!r} for no parameter of this model")
+            like = {"step": torch.zeros((), dtype=torch.float32), "exp_avg": params[index].detach(),
+                    "exp_avg_sq": params[index].detach()}
+            check_like({k: v.cpu() for k, v in like.items()}, {k: v.cpu() if isinstance(v, torch.Tensor) else v
+                                                               for k, v in entry.items()},
+                       source, f"optimizer.state[{index}]")
+        check_like(self.data.state_dict(), state.get("data"), source, "data")
+        check_like({"num_updates": 0}, {k: v for k, v in (state.get("ema") or {}).items() if k != "model"},
+                   source, "ema")
+
+    def _load_state_dict(self, state: dict) -> None:
+        self._check_training_state(state)
         self.raw_model.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
