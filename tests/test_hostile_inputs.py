@@ -301,7 +301,7 @@ def test_a_copied_run_with_a_future_mtime_does_not_take_over(tmp_path):
     (own,) = (tmp_path / "outputs").glob("*/*")
     copy = tmp_path / "outputs" / "2000-01-01" / "00-00-00"
     shutil.copytree(own, copy)
-    time.sleep(0.05)
+    time.sleep(1.1)  # Hydra names run folders by the second
     assert run_inproc(["train", *TINY, "trainer.max_steps=2", "seed=1"], tmp_path).returncode == 0
     newest = max((p for p in (tmp_path / "outputs").glob("*/*") if p not in (own, copy)))
     future = time.time() + 80 * 365 * 86400

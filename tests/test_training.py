@@ -130,8 +130,11 @@ def test_checkpoint_errors_are_one_line(tmp_path):
 
 def test_checkpoint_is_written_atomically(tmp_path):
     path = tmp_path / "checkpoints" / "last.ckpt"
-    save_checkpoint({"step": 1, "w": torch.ones(3)}, path)
-    save_checkpoint({"step": 2, "w": torch.ones(3)}, path)
+    config = {"model": {"_target_": "diffuse.models.unet.UNet"}, "dim": 2,  # the least a checkpoint holds
+              "schedule": {"_target_": "diffuse.diffusion.schedules.LinearSchedule"},
+              "dataset": {"_target_": "diffuse.data.shapes.ShapesDataset"}}
+    save_checkpoint({"step": 1, "config": config, "model": {"w": torch.ones(3)}}, path)
+    save_checkpoint({"step": 2, "config": config, "model": {"w": torch.ones(3)}}, path)
     assert load_checkpoint(path)["step"] == 2
     assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]  # no temp files left behind
     mark_run(tmp_path, "diffusion")

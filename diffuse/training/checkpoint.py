@@ -45,7 +45,12 @@ def save_checkpoint(state: dict, path: str | Path) -> Path:
     """Write atomically (diffuse/files.py): a crash never leaves a half-written file, and a failed write (disk
     full) removes its temp file, leaves the file at `path` as it was and is one DiffuseError line."""
     payload = {"format": FORMAT, "version": VERSION, **state}
-    return atomic_write(path, lambda tmp: torch.save(payload, tmp), "checkpoint")
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+
+    return atomic_write(path, write, "checkpoint")
 
 
 def checkpoint_kind(state: dict) -> str:
