@@ -18,19 +18,18 @@ from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sampler_quality import RandomFeatures, frechet_distance, nearest_label, train_small  # noqa: E402
 
 from diffuse.diffusion.generation import class_labels, generate  # noqa: E402
 from diffuse.diffusion.guidance import null_class_of  # noqa: E402
+from diffuse.app import compose_config  # noqa: E402
 from diffuse.building import build  # noqa: E402
 from diffuse.devices import resolve_device  # noqa: E402
 from diffuse.jobs.common import load_run  # noqa: E402
-from diffuse.validation import with_steps  # noqa: E402
+from diffuse.jobs.sampling_setup import with_steps  # noqa: E402
 
-CONF = Path(__file__).resolve().parents[1] / "diffuse" / "conf" / "sampler"
 
 
 def main(argv=None) -> int:
@@ -66,7 +65,7 @@ def main(argv=None) -> int:
     print(f"{'w':>6}{'asked class':>13}{'FD':>9}   per class")
     rows = []
     for w in (float(v) for v in args.scales.split(",")):
-        node = OmegaConf.load(CONF / f"{args.sampler}.yaml")
+        node = compose_config("sample", [f"sampler={args.sampler}"]).sampler  # with its group's _common.yaml
         if args.steps:
             node.steps = args.steps
         sampler = instantiate(with_steps(node, w))  # steps=auto: 20 network passes (10 guided steps)

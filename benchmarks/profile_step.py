@@ -41,7 +41,7 @@ def measure(trainer, steps: int) -> dict:
 
     def run(n: int) -> None:
         for _ in range(n):
-            trainer.train_step([next(trainer.data) for _ in range(trainer.cfg.grad_accum_steps)])
+            trainer.train_step([next(trainer.data) for _ in range(trainer.settings.grad_accum_steps)])
 
     run(10)
     sync()

@@ -3,7 +3,7 @@
     python benchmarks/sampler_quality.py [CHECKPOINT] [--train-steps 1000] [--num-samples 256] [--out FILE]
 
 Without a checkpoint it first trains a small conditional UNet on 2-D `shapes` (16×16) for --train-steps.
-Rows named *_clip run with clip_x0 (x̂₀ clamped to [−1, 1]); ddpm_clip is the MNIST seed's sample_clip.
+Rows named *_clip run with clip_x0 (x̂₀ clamped to [−1, 1]); ddpm_clip is the MNIST ShuffleNet setup's sample_clip.
 Cost: about 1800 network evaluations of --num-samples images (ddpm's 1000 dominate), plus the training;
 `--quick` runs fewer rows.
 

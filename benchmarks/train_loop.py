@@ -73,7 +73,7 @@ def diffusers_step(device: torch.device, settings: dict, steps: int, window: int
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
 
-    from diffuse.training.loop import resolve_precision
+    from diffuse.devices import resolve_precision
 
     torch.manual_seed(0)
     b, r = settings["batch"], settings["resolution"]

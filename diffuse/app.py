@@ -26,7 +26,7 @@ from diffuse.data.folder import count_classes
 from diffuse.dims import by_dim
 from diffuse.errors import DiffuseError
 from diffuse.jobs.common import SEARCH_ROOTS
-from diffuse.training.checkpoint import latest_run, run_folder_of, run_kind
+from diffuse.storage.checkpoint import latest_run, run_folder_of, run_kind
 from diffuse.training.stopping import Interrupted
 from diffuse.validation import validate
 

@@ -3,7 +3,7 @@
 A config composed from our own `conf/` plus the command line is the user's own: `build` instantiates it.
 A config read from a file (a checkpoint's stored config, the VAE record a latent checkpoint embeds) is
 untrusted input: Hydra's `instantiate` would call whatever `_target_` it names (`pathlib.Path.touch`,
-`os.system`, or `diffuse.training.checkpoint.os.remove`, which a plain "starts with diffuse." test lets
+`os.system`, or `diffuse.storage.checkpoint.os.remove`, which a plain "starts with diffuse." test lets
 through). `check_targets` walks such a config before anything is built and accepts only classes defined
 in the packages that hold our parts (models, schedules, samplers, datasets), plus prefixes the user
 allowed explicitly (`allow_targets: [mypkg.]`), each named by its defining module and class name.
@@ -41,6 +41,19 @@ def build(node: DictConfig | dict, what: str, **kwargs):
             msg += (f" (_target_: {target}: install its package, or put the folder that holds it on "
                     "PYTHONPATH; the `diffuse` command does not import from the current folder)")
         raise DiffuseError(f"cannot build {what}: {msg}") from None
+
+
+def part_class(target) -> type | None:
+    """The class a `_target_` names when it is one of our parts (PART_PACKAGES), imported; None for any other
+    target (a class of the user's, a function), or one that does not import (build reports that)."""
+    if not isinstance(target, str) or not target.startswith(PART_PACKAGES) or "." not in target:
+        return None
+    module, _, name = target.rpartition(".")
+    try:
+        found = getattr(importlib.import_module(module), name, None)
+    except ImportError:
+        return None
+    return found if isinstance(found, type) else None
 
 
 # Classes that moved since checkpoints were first written: old stored name → its home now.

@@ -1,8 +1,10 @@
-"""Which torch device a `device` setting names (every job and the latent dataset use it)."""
+"""Device policy in one place: which torch device a `device` setting names, the precision `auto` means on it
+(`precision`, `trainer.precision`), and the weight layout (channels-last) that pays there."""
 
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from diffuse.errors import DiffuseError
 
@@ -46,3 +48,39 @@ def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     if device.type != "cuda" or tensor.device.type != "cpu":
         return tensor.to(device)
     return tensor.pin_memory().to(device, non_blocking=True)
+
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_precision(name: str, device: torch.device, model: nn.Module | None = None) -> str:
+    """The precision `name` means on `device`: fp32 | bf16 | fp16 as given; auto = bf16 where the device computes
+    it natively (native_bf16: a CUDA GPU that has it, an AMX CPU; half the memory traffic, fp32's range, no loss
+    scaling), except on a CPU for a model class that says `bf16_pays_on_cpu = False` (MSNAT); else fp32.
+    Measurements: benchmarks/results/precision.md."""
+    if name != "auto":
+        return name
+    if device.type == "cpu" and not getattr(model, "bf16_pays_on_cpu", True):
+        return "fp32"
+    return "bf16" if native_bf16(device) else "fp32"
+
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def use_channels_last(setting, model: nn.Module, device: torch.device, autocast_dtype=None) -> bool:
+    """Whether to store a model's weights channels-last (NHWC), which only 2-D convolutions can use.
+
+    auto: on the CPU in fp32 for models with 2-D convolutions and no 1-D/3-D ones (oneDNN's fp32 convolutions
+    run NHWC natively); not under bf16 autocast, where NHWC is the slower layout; elsewhere off. true refuses a
+    model with non-2-D convolutions. Measurements: benchmarks/results/precision.md.
+    """
+    convs = {type(m) for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)}
+    planar = nn.Conv2d in convs and not convs - {nn.Conv2d, nn.ConvTranspose2d}
+    if setting == "auto":
+        return planar and device.type == "cpu" and autocast_dtype is None
+    if setting is True and not planar:
+        raise DiffuseError("trainer.channels_last=true needs a model with 2-D convolutions only (dim=2)")
+    if isinstance(setting, bool):
+        return setting
+    raise DiffuseError(f"trainer.channels_last must be auto, true or false; got {setting!r}")

@@ -269,7 +269,7 @@ def save_grid(x: Tensor, path: str | Path, nrow: int | None = None, view: str = 
 def save_class_grid(x: Tensor, y: Tensor, path: str | Path, class_names: Sequence[str] | None = None,
                     per_class: int | None = None, view: str = "slices", labels: bool = True,
                     max_columns: int | None = None) -> Path:
-    """The conditional seed's classes grid: a row per class present in y (increasing), up to per_class
+    """The score-SDE tutorial setup's classes grid: a row per class present in y (increasing), up to per_class
     samples each (default: the most any class has, at most max_columns: the first ones; shorter rows end
     in background), labelled with class_names[c] (or the class index) on the left when `labels`.
     x: [N, C, *spatial], y: [N] int."""
@@ -296,7 +296,7 @@ def save_class_grid(x: Tensor, y: Tensor, path: str | Path, class_names: Sequenc
 def save_step_strip(states: Sequence[Tensor], times: Sequence[float | str] | None, path: str | Path,
                     index: int | Sequence[int] = 0, steps: int = 8, view: str = "slices",
                     labels: bool = True) -> Path:
-    """The conditional seed's step strip: one sample's denoising in a row, x_T on the left, the sample on
+    """The score-SDE tutorial setup's step strip: one sample's denoising in a row, x_T on the left, the sample on
     the right, at `steps` states spread over the trajectory (first and last included), each column
     labelled t=… when times are given (or with the strings given, e.g. "50 steps": then a state may as
     well be the result of one sampler run per step count). states: [K] × [B, C, *spatial]; times: [K]
@@ -385,7 +385,7 @@ MIN_SINGLE = 64  # a single 2-D sample smaller than this (side) is upscaled (nea
 
 def save_sample_image(x: Tensor, path: str | Path, index: int = 0, view: str = "slices",
                       min_side: int = MIN_SINGLE) -> Path:
-    """Sample `index` of x [N, C, *spatial] alone, as a PNG (the Flowers seed's generated_pixel_diffusion.png).
+    """Sample `index` of x [N, C, *spatial] alone, as a PNG (the Flowers UNet setup's generated_pixel_diffusion.png).
     2-D: the data's own pixels (64² flowers stay 64², no frame), upscaled by a whole factor, nearest, only
     when the shorter side is under `min_side` (a 28² digit becomes 84²) so that it stays visible. 1-D and 3-D
     have no pixels of their own: the line plot or the three views (`view`) of the grids, one tile."""
@@ -408,7 +408,7 @@ def _write_text(path: Path, text: str) -> None:
 
 
 def write_sample_index(folder: str | Path, step: int | None = None, epoch: float | None = None) -> list[dict]:
-    """The table of a run's training-time grids (the Flowers seed's README table, epoch 30 … 270): records
+    """The table of a run's training-time grids (the Flowers UNet setup's README table, epoch 30 … 270): records
     that `step_{step}.png` was drawn at `epoch` (epochs of data seen, e.g. 30 or 2.5) and rewrites, in
     `folder` (the run's samples/), `index.json` (the records: the table survives a resume), `README.md` (a
     markdown table) and `index.html` (open in a browser), listing every step_N.png there in step order.

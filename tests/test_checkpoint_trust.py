@@ -11,7 +11,7 @@ import torch
 from diffuse.building import check_targets
 from diffuse.errors import DiffuseError
 from diffuse.jobs import train as train_job
-from diffuse.training.checkpoint import load_checkpoint, save_checkpoint
+from diffuse.storage.checkpoint import load_checkpoint, save_checkpoint
 
 from conftest import TINY, compose_cfg, run_cli
 
@@ -58,7 +58,7 @@ def test_no_entry_point_calls_what_a_checkpoint_names(real_checkpoint, tmp_path,
 
 
 @pytest.mark.parametrize("where,target", [
-    ("model", "diffuse.training.checkpoint.os.remove"),    # an attribute path through an imported module
+    ("model", "diffuse.storage.checkpoint.os.remove"),    # an attribute path through an imported module
     ("model", "diffuse.jobs.common.Tracker"),               # our class, but not a part: it writes files
     ("model", "diffuse.models.unet.torch.save"),            # a callable re-exported into a model module
     ("schedule", "builtins.exec"),

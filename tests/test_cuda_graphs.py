@@ -11,7 +11,7 @@ import torch
 from diffuse.errors import DiffuseError
 from diffuse.jobs import train as train_job
 from diffuse.training import graphs
-from diffuse.training.checkpoint import load_checkpoint
+from diffuse.storage.checkpoint import load_checkpoint
 from diffuse.training.graphs import GraphedNetwork, use_cuda_graphs
 
 from conftest import CUDA_TINY, TINY, compose_cfg, requires_cuda, straight_and_resumed

@@ -41,7 +41,7 @@ import shutil  # noqa: E402
 import socket  # noqa: E402
 import subprocess  # noqa: E402
 
-from diffuse.training.checkpoint import load_checkpoint  # noqa: E402
+from diffuse.storage.checkpoint import load_checkpoint  # noqa: E402
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 DDP = [*TINY, "trainer.checkpoint_every=4", "trainer.sample_every=0", "trainer.val_items=0", "model.dropout=0.1"]

@@ -11,7 +11,7 @@ import torch
 from omegaconf import OmegaConf
 
 from diffuse.app import CONF_DIR
-from diffuse.training.checkpoint import load_checkpoint
+from diffuse.storage.checkpoint import load_checkpoint
 from diffuse.validation import validate
 
 from conftest import MSNAT, SHUFFLENET, SPATIAL_TRANSFORMER, TINY, compose_cfg, write_tiny_flowers

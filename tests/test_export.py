@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from diffuse.jobs import train as train_job
 from diffuse.jobs import train_vae as train_vae_job
 from diffuse.jobs.common import load_run
-from diffuse.training.checkpoint import load_checkpoint
+from diffuse.storage.checkpoint import load_checkpoint
 
 from conftest import TINY, compose_cfg, run_cli
 from inproc_cli import one_error_line, run_inproc

@@ -15,7 +15,7 @@ from diffuse.diffusion.guidance import Denoiser
 from diffuse.diffusion.objectives import prediction_to_eps
 from diffuse.diffusion.samplers import NoiseSource, sample
 from diffuse.diffusion.schedules import CosineSchedule, LinearSchedule, VESDESchedule
-from diffuse.validation import with_steps
+from diffuse.jobs.sampling_setup import with_steps
 
 CONF = Path(__file__).resolve().parents[1] / "diffuse" / "conf" / "sampler"
 SAMPLERS = ["ddpm", "ddpm_clip", "ddim", "euler_maruyama", "pc", "heun", "dpm_solver"]

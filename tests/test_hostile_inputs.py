@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from diffuse.training.checkpoint import load_checkpoint, save_checkpoint
+from diffuse.storage.checkpoint import load_checkpoint, save_checkpoint
 
 from conftest import TINY, run_cli
 from inproc_cli import one_error_line, run_inproc
@@ -308,7 +308,7 @@ def test_a_copied_run_with_a_future_mtime_does_not_take_over(tmp_path):
     os.utime(copy / "run.json", (future, future))
     record = json.loads((copy / "run.json").read_text())
     (copy / "run.json").write_text(json.dumps({**record, "started": future}))  # even its record says 2106
-    from diffuse.training.checkpoint import latest_run
+    from diffuse.storage.checkpoint import latest_run
     assert latest_run("diffusion", [tmp_path / "outputs"]) == newest
     res = run_inproc(["train", "resume=auto", "trainer.max_steps=3"], tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]

@@ -10,8 +10,8 @@ import torch
 
 from diffuse.building import build
 from diffuse.errors import DiffuseError
-from diffuse.training.checkpoint import load_checkpoint
-from diffuse.training.export import write_export
+from diffuse.storage.checkpoint import load_checkpoint
+from diffuse.storage.export import write_export
 from diffuse.training.init_weights import load_initial_weights
 
 from conftest import TINY, compose_cfg

@@ -19,7 +19,7 @@ from diffuse.jobs.train_vae import reconstruction_mse
 from diffuse.data.latent import CHECKPOINT_KEY, LatentDataset, latent_decoder
 from diffuse.jobs.latent_space import use_latent_space
 from diffuse.models.vae import VAE
-from diffuse.training.checkpoint import load_checkpoint
+from diffuse.storage.checkpoint import load_checkpoint
 
 from conftest import compose_cfg, run_cli
 

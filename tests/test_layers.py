@@ -13,12 +13,13 @@ ROOT = Path(diffuse.__file__).parent
 
 # Rank of each top-level module or package of diffuse; a module may import only ranks ≤ its own.
 LAYERS = {
-    0: ("errors", "building", "devices", "dims", "network", "files"),       # foundations: no parts
-    1: ("models", "diffusion", "metrics", "media", "tracking", "fidelity"),  # networks, math, pictures, logs
-    2: ("data", "training", "validation"),                                  # parts built on those
-    3: ("jobs",),                                                           # one module per command
-    4: ("app",),                                                            # Hydra: config → job
-    5: ("cli", "__main__"),                                                 # the command line
+    0: ("errors", "building", "rules", "devices", "dims", "network", "files"),  # foundations: no parts
+    1: ("models", "diffusion", "metrics", "media", "tracking", "fidelity", "storage"),  # networks, math, files
+    2: ("data",),                                                           # datasets (below training)
+    3: ("training", "validation"),                                          # parts built on those
+    4: ("jobs",),                                                           # one module per command
+    5: ("app",),                                                            # Hydra: config → job
+    6: ("cli", "__main__"),                                                 # the command line
 }
 RANK = {name: rank for rank, names in LAYERS.items() for name in names}
 

@@ -19,7 +19,7 @@ from diffuse.errors import DiffuseError
 from diffuse.jobs import train as train_job
 from diffuse.models.unet import UNet
 from diffuse.training import stopping
-from diffuse.training.checkpoint import load_checkpoint
+from diffuse.storage.checkpoint import load_checkpoint
 from diffuse.training.heldout import HeldOutLoss
 from diffuse.training.stopping import parse_max_time
 

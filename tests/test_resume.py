@@ -14,7 +14,7 @@ from diffuse.errors import DiffuseError
 from diffuse.jobs.common import resume_checkpoint
 from diffuse.jobs import train as train_job
 from diffuse.training import loop
-from diffuse.training.checkpoint import load_checkpoint, mark_run, save_checkpoint
+from diffuse.storage.checkpoint import load_checkpoint, mark_run, save_checkpoint
 from diffuse.training.loop import build_lr_scheduler
 
 from conftest import TINY, compose_cfg, run_cli

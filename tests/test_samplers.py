@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 from diffuse.diffusion.samplers import (DDIM, DDPM, DPMSolverPP, EulerMaruyama, Heun, NoiseSource,
                                         PredictorCorrector, sample)
 from diffuse.diffusion.schedules import CosineSchedule, LinearSchedule, VESDESchedule
-from diffuse.validation import with_steps
+from diffuse.jobs.sampling_setup import with_steps
 
 CONF = Path(__file__).resolve().parents[1] / "diffuse" / "conf" / "sampler"
 SCHEDULES = {"linear": LinearSchedule(), "cosine": CosineSchedule(), "vesde": VESDESchedule()}

@@ -9,8 +9,7 @@ from omegaconf import OmegaConf
 
 from diffuse.building import build, check_targets, upgrade_stored_config, upgrade_targets
 from diffuse.errors import DiffuseError
-from diffuse.jobs.sampling import sampler_config
-from diffuse.validation import AUTO_GUIDANCE_SCALE, guidance_scale, with_steps
+from diffuse.jobs.sampling_setup import AUTO_GUIDANCE_SCALE, guidance_scale, sampler_config, with_steps
 
 SAVED = OmegaConf.create({"sampler": {"_target_": "diffuse.diffusion.samplers.DPMSolverPP", "steps": 20,
                                       "spacing": "logsnr", "clip_x0": False}})
@@ -99,7 +98,7 @@ def test_sample_and_train_default_to_ten_guided_steps_where_a_null_class_was_lea
     import torch
 
     from diffuse.jobs.evaluate import summary_lines
-    from diffuse.training.loop import resolve_precision
+    from diffuse.devices import resolve_precision
 
     def ok(res):
         assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
@@ -125,3 +124,29 @@ def test_sample_and_train_default_to_ten_guided_steps_where_a_null_class_was_lea
     assert metrics["precision"] == precision
     assert summary_lines(metrics, 2)[0].startswith(f"DPMSolverPP 10 steps (guidance w 1.1), 10 NFE, 8 samples, "
                                                    f"{precision}, step 2")
+
+
+def test_training_samples_and_sample_resolve_precision_by_one_rule(monkeypatch):
+    """A training run's own samples (grids, eval_every) use trainer.precision, `diffuse sample` its precision;
+    both resolve through jobs/sampling_setup.sampling_plan → devices.resolve_precision, so at `auto` they agree:
+    fp32 on a CPU without AMX, bf16 on one with it (and fp32 for a model that opts out)."""
+    import torch
+
+    from conftest import TINY, compose_cfg
+
+    from diffuse.building import build
+    from diffuse.diffusion.schedules import LinearSchedule
+    from diffuse.jobs.sampling_setup import sampling_plan
+    from diffuse.jobs.train import run_plan
+
+    cfg = compose_cfg("train", TINY)
+    model = build(cfg.model, "model")
+    cpu = torch.device("cpu")
+    for amx, want in ((False, None), (True, torch.bfloat16)):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx, raising=False)
+        grids = run_plan(cfg, LinearSchedule(), (1, 8, 8), cpu, steps=3, model=model)
+        sample, _ = sampling_plan(OmegaConf.to_container(cfg, resolve=True), (1, 8, 8), cpu,
+                                  schedule=LinearSchedule(), model=model, precision="auto")
+        assert grids.autocast_dtype is sample.autocast_dtype is want
+    fp16 = compose_cfg("train", [*TINY, "trainer.precision=fp16"])
+    assert run_plan(fp16, LinearSchedule(), (1, 8, 8), cpu, model=model).autocast_dtype is torch.float16

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from diffuse.training.checkpoint import load_checkpoint
+from diffuse.storage.checkpoint import load_checkpoint
 
 from conftest import TINY, run_cli
 

@@ -14,7 +14,7 @@ from diffuse.data.loader import BatchStream
 from diffuse.data.shapes import ShapesDataset
 from diffuse.errors import DiffuseError
 from diffuse.jobs import train as train_job
-from diffuse.training.checkpoint import latest_run, load_checkpoint, mark_run, save_checkpoint
+from diffuse.storage.checkpoint import latest_run, load_checkpoint, mark_run, save_checkpoint
 from diffuse.training.ema import EMA
 from diffuse.training.loop import build_lr_scheduler
 
@@ -235,7 +235,7 @@ def test_bad_precision_and_dims(tmp_path):
 
 def test_channels_last_choice_and_same_training(tmp_path):
     from diffuse.models.unet import UNet
-    from diffuse.training.loop import use_channels_last
+    from diffuse.devices import use_channels_last
 
     planar, volume = UNet(dim=2, base_channels=8, channel_mult=(1,)), UNet(dim=3, base_channels=8, channel_mult=(1,))
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
@@ -262,7 +262,8 @@ def test_channels_last_choice_and_same_training(tmp_path):
 
 def test_precision_auto_is_bf16_where_the_device_computes_it_natively(monkeypatch):
     from diffuse.models.msnat import MSNATUNet
-    from diffuse.training.loop import build_optimizer, resolve_precision, use_channels_last
+    from diffuse.devices import resolve_precision, use_channels_last
+    from diffuse.training.loop import build_optimizer
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
     assert resolve_precision("auto", torch.device("cpu")) == "fp32"
     assert resolve_precision("fp16", torch.device("cpu")) == "fp16"

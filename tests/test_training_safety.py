@@ -11,7 +11,7 @@ import torch
 
 from diffuse.errors import DiffuseError
 from diffuse.jobs import train as train_job
-from diffuse.training.checkpoint import load_checkpoint
+from diffuse.storage.checkpoint import load_checkpoint
 
 from conftest import TINY, compose_cfg, run_cli
 

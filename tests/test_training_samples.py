@@ -9,7 +9,7 @@ import re
 import pytest
 
 from diffuse.errors import DiffuseError
-from diffuse.jobs.train import sampling_plan, training_sample_counts
+from diffuse.jobs.train import run_plan, training_sample_counts
 from diffuse.validation import validate
 
 from conftest import TINY, compose_cfg
@@ -85,6 +85,6 @@ def test_training_samples_use_the_guidance_node_and_the_runs_sampler():
     from diffuse.diffusion.schedules import LinearSchedule
 
     cfg = compose_cfg("train", [*TINY, "guidance.scale=2.5", "sampler=ddim", "sampler.steps=30"])
-    plan = sampling_plan(cfg, LinearSchedule(), (1, 8, 8), "cpu", steps=7)
+    plan = run_plan(cfg, LinearSchedule(), (1, 8, 8), "cpu", steps=7)
     assert plan.guidance_scale == 2.5 and type(plan.sampler).__name__ == "DDIM" and plan.sampler.steps == 7
     assert not hasattr(plan.sampler, "guidance_scale") and cfg.sampler.steps == 30

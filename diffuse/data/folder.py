@@ -321,6 +321,12 @@ class FolderDataset(InMemoryImages):
         self.cache_path: Path | None = None  # the cache file read or written (None: none could be written)
         self._load_or_decode()
 
+    splits = ()  # one set of files: no named splits
+
+    def heldout(self, n: int) -> None:
+        """A folder has no held-out split: the jobs say so and use training items."""
+        return None
+
     # -- checks ------------------------------------------------------------------------------------------
     def _item_shape(self, layout: FolderLayout) -> tuple[int, ...]:
         """[C, *S] of one stored item; for arrays read from the first file's header and checked against

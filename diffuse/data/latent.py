@@ -25,10 +25,11 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from diffuse.building import build
+from diffuse.data.base import Dataset, heldout_of
 from diffuse.devices import resolve_device, to_device
 from diffuse.errors import DiffuseError
 from diffuse.models.vae import VAE, check_vae_fits_data
-from diffuse.training.checkpoint import load_checkpoint
+from diffuse.storage.checkpoint import load_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ def is_latent_run(config: DictConfig | dict) -> bool:
 
 # ----- the dataset ---------------------------------------------------------------------------------
 
-class LatentDataset:
+class LatentDataset(Dataset):
     """A dataset seen through a frozen VAE encoder: items are scaled latents z = (μ + σ·ε)·scale_factor.
 
     data: any dataset (the `diffuse.data` interface); vae: a VAE checkpoint path, a VAE, or a VAE record
@@ -193,6 +194,14 @@ class LatentDataset:
             noise = torch.randn(mean.shape, generator=generator)  # a CPU generator, as BatchStream's
             mean = mean + std * to_device(noise, mean.device)
         return mean * self.scale, y
+
+    def heldout(self, n: int) -> "LatentDataset | None":
+        """The data's held-out items seen through the same VAE, encoded per batch (only the items used)."""
+        data = heldout_of(self.data, n)
+        if data is None:
+            return None
+        return LatentDataset(data, self.vae, cache=False, sample=self.sample, device=self.device,
+                             batch_size=self.batch_size)
 
     def decode(self, z: Tensor) -> Tensor:
         """Latents → data [N, C, *S] in [−1, 1] on the CPU."""

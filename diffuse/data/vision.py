@@ -28,6 +28,7 @@ import torch
 import torchvision
 from torch import Tensor
 
+from diffuse.data.base import Dataset
 from diffuse.devices import to_device
 from diffuse.errors import DiffuseError
 from diffuse.network import reachable
@@ -65,7 +66,7 @@ def resize_uint8(images: Tensor, size: int, chunk: int = 8192) -> Tensor:
     return out
 
 
-class InMemoryImages:
+class InMemoryImages(Dataset):
     """A labelled image set as one uint8 tensor; the dataset interface of `diffuse.data`.
 
     images: uint8 [N, C_stored, R, R] (C_stored is 1 or 3; grey is replicated per batch when channels=3)
@@ -98,6 +99,8 @@ class InMemoryImages:
         self.class_names = tuple(self.CLASS_NAMES[:num_classes])
         self.hflip = bool(self.default_hflip(split) if hflip is None else hflip)
         self.root = Path(root).expanduser() if root not in (None, "") else default_root()
+        self.settings = dict(root=root, resolution=resolution, channels=channels, num_classes=num_classes, dim=dim,
+                             hflip=hflip)  # what heldout() builds the test split with
 
         self._ensure_files(bool(download))
         images, labels = self._read()                      # uint8 [N, C, R, R], int64 [N]
@@ -108,6 +111,12 @@ class InMemoryImages:
             keep = labels < num_classes
             images, labels = images[keep], labels[keep]
         self.images, self.labels = images.contiguous(), labels.long()
+
+    def heldout(self, n: int) -> "InMemoryImages | None":
+        """The test split (all of it; n is only a lower bound the caller checks), read from the same root."""
+        if "test" not in self.splits:
+            return None
+        return type(self)(**{**self.settings, "split": "test", "download": False})
 
     # -- what each dataset says about itself -----------------------------------------------------------
     def default_hflip(self, split: str) -> bool:
@@ -354,6 +363,7 @@ class Flowers102Dataset(InMemoryImages):
         self.num_workers = num_workers
         super().__init__(root=root, download=download, split=split, resolution=resolution, channels=channels,
                          num_classes=num_classes, dim=dim, hflip=hflip)
+        self.settings["num_workers"] = num_workers
 
     def default_hflip(self, split: str) -> bool:
         return split == "train"

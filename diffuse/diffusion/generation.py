@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from diffuse.diffusion.guidance import Denoiser
+from diffuse.diffusion.objectives import Parameterization
 from diffuse.diffusion.samplers import NoiseSource, Sampler, sample
 
 
@@ -67,7 +68,8 @@ class Generated:
 
 @torch.no_grad()
 def generate(model, schedule, sampler: Sampler, sample_shape: Sequence[int], num_samples: int,
-             labels: Tensor | None = None, seed: int = 0, batch_size: int = 64, prediction: str = "eps",
+             labels: Tensor | None = None, seed: int = 0, batch_size: int = 64,
+             prediction: Parameterization | str = "eps",
              guidance_scale: float = 0.0, device: torch.device | str = "cpu", trajectory: int | bool = False,
              autocast_dtype=None, progress=None, step_progress=None) -> Generated:
     """`num_samples` samples of shape sample_shape ([C, *spatial]) with the sampler, sample i of class
@@ -106,7 +108,7 @@ class SamplingPlan:
     schedule: object
     sampler: Sampler
     sample_shape: tuple
-    prediction: str = "eps"
+    prediction: Parameterization | str = "eps"
     guidance_scale: float = 0.0
     batch_size: int = 64
     device: torch.device | str = "cpu"

@@ -15,7 +15,7 @@ import contextlib
 import torch
 from torch import Tensor
 
-from diffuse.diffusion.objectives import prediction_to_eps
+from diffuse.diffusion.objectives import Parameterization, parameterization
 from diffuse.diffusion.schedules import Schedule
 
 
@@ -36,14 +36,15 @@ def guidance_note(scale: float | None) -> str:
 
 
 class Denoiser:
-    """model (called as model(x, t, y)) with its prediction type, the batch's labels y [B] (or None) and the
-    guidance scale w, seen as ε̂(x, t); `nfe` counts network evaluations (a guided call counts as one)."""
+    """model (called as model(x, t, y)) with its parameterization (objectives.Parameterization, or its name:
+    eps | x0 | v), the batch's labels y [B] (or None) and the guidance scale w, seen as ε̂(x, t); `nfe` counts
+    network evaluations (a guided call counts as one)."""
 
-    def __init__(self, model, schedule: Schedule, prediction: str = "eps", y: Tensor | None = None,
+    def __init__(self, model, schedule: Schedule, prediction: Parameterization | str = "eps", y: Tensor | None = None,
                  guidance_scale: float = 0.0, autocast_dtype=None):
         self.model = model
         self.schedule = schedule
-        self.prediction = prediction
+        self.parameterization = parameterization(prediction)
         self.y = y
         self.guidance_scale = float(guidance_scale or 0.0)
         self.null_class = null_class_of(model)
@@ -72,8 +73,8 @@ class Denoiser:
         self.nfe += 1
         if not self.guided:
             out = self._net(x, t_batch, self.y)
-            return prediction_to_eps(out, x, alpha, sigma, self.prediction)
+            return self.parameterization.eps(out, x, alpha, sigma)
         y_null = torch.full_like(self.y, self.null_class)
         out = self._net(torch.cat([x, x]), torch.cat([t_batch, t_batch]), torch.cat([self.y, y_null]))
-        eps_c, eps_u = prediction_to_eps(out, torch.cat([x, x]), alpha, sigma, self.prediction).chunk(2)
+        eps_c, eps_u = self.parameterization.eps(out, torch.cat([x, x]), alpha, sigma).chunk(2)
         return eps_u + self.guidance_scale * (eps_c - eps_u)

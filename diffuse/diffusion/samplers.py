@@ -3,9 +3,9 @@
 A sampler never sees the network: it calls `denoiser.eps(x, t)` (see guidance.py), so every sampler runs
 on every schedule. Arithmetic is fp32 with times and coefficients computed in fp64.
 
-  DDPM               ancestral sampling, Ho et al. 2020 Alg. 2 (`ddpm`; `ddpm_clip` = clip_x0, the MNIST seed's)
+  DDPM               ancestral sampling, Ho et al. 2020 Alg. 2 (`ddpm`; `ddpm_clip` = clip_x0, the MNIST ShuffleNet setup's)
   DDIM               Song, Meng & Ermon 2021, eq. 12, η ∈ [0, 1]
-  EulerMaruyama      reverse SDE, Song et al. 2021 (the conditional seed's sampler on the VE-SDE)
+  EulerMaruyama      reverse SDE, Song et al. 2021 (the score-SDE tutorial setup's sampler on the VE-SDE)
   PredictorCorrector reverse-diffusion predictor + Langevin corrector, Song et al. 2021
   Heun               probability-flow ODE, Karras et al. 2022 Alg. 1/2
   DPMSolverPP        DPM-Solver++(2M), Lu et al. 2022
@@ -28,7 +28,8 @@ from torch import Tensor
 
 from diffuse.devices import to_device
 from diffuse.diffusion.objectives import eps_to_x0
-from diffuse.diffusion.schedules import GRID_SIGMA_MAX, Schedule
+from diffuse.diffusion.schedules import GRID_SIGMA_MAX, SPACINGS, Schedule
+from diffuse.rules import BOOL, POSITIVE, PROBABILITY, Choice, Float, Int, Pair
 
 
 class NoiseSource:
@@ -77,13 +78,16 @@ class Sampler:
     spacing: how the grid is laid out (auto, linspace, leading, trailing, karras, logsnr: Schedule.timesteps).
     clip_x0: clamp x̂₀ to clip_range and re-derive ε̂ = (x − α x̂₀)/σ from it, i.e. run the sampler on the
         clamped denoiser (diffusers' `clip_sample` with `use_clipped_model_output`; for DDPM it is the
-        MNIST seed's `sample_clip`). Data in [−1, 1] stay there; helps under-trained networks a lot.
+        MNIST ShuffleNet setup's `sample_clip`). Data in [−1, 1] stay there; helps under-trained networks a lot.
     dynamic_threshold: Imagen's dynamic thresholding (Saharia et al. 2022, §2.3) instead: per sample,
         s = max(1, the `dynamic_threshold` quantile of |x̂₀|), x̂₀ ← clamp(x̂₀, −s, s)/s; null = off.
     Stochastic samplers draw all their noise from `noise.randn_like(x)` (per-sample generators).
     """
 
     stochastic = False
+    order: int | None = None  # deterministic ODE solvers: the global order of convergence in the step size
+    config_rules = {"steps": Int(1, auto=True), "spacing": Choice(*SPACINGS), "clip_x0": BOOL,
+                    "clip_range": Pair(), "dynamic_threshold": Float(0, 1, open_lo=True, nullable=True)}
 
     def __init__(self, steps: int = 1000, spacing: str = "auto", clip_x0: bool = False,
                  clip_range: Sequence[float] = (-1.0, 1.0), dynamic_threshold: float | None = None):
@@ -200,11 +204,12 @@ class DDPM(Sampler):
     which is Algorithm 2 exactly when the grid is every step of the schedule.
     variance: "beta" (σ² = σ²_{t|s}, Algorithm 2's β_t) or "posterior" (σ² = σ²_{t|s} σ_s²/σ_t², β̃_t).
     clip_x0: with ε̂ re-derived from the clamped x̂₀ the mean above is the posterior mean (Ho et al. eq. 7)
-        μ = α_s σ²_{t|s}/σ_t² · x̂₀ + α_{t|s} σ_s²/σ_t² · x_t   (the MNIST seed's `sample_clip`).
+        μ = α_s σ²_{t|s}/σ_t² · x̂₀ + α_{t|s} σ_s²/σ_t² · x_t   (the MNIST ShuffleNet setup's `sample_clip`).
     One network evaluation per step.
     """
 
     stochastic = True
+    config_rules = {"variance": Choice("beta", "posterior")}
 
     def __init__(self, steps: int = 1000, spacing: str = "auto", variance: str = "beta", **kwargs):
         super().__init__(steps, spacing, **kwargs)
@@ -238,6 +243,9 @@ class DDIM(Sampler):
     grid is DDPM with the posterior variance β̃_t. Any number of steps; one network evaluation per step.
     """
 
+    order = 1  # at eta 0
+    config_rules = {"eta": PROBABILITY}
+
     def __init__(self, steps: int = 50, spacing: str = "auto", eta: float = 0.0, **kwargs):
         super().__init__(steps, spacing, **kwargs)
         if not 0.0 <= float(eta) <= 1.0:
@@ -266,19 +274,20 @@ class EulerMaruyama(Sampler):
         dx = [f(t) x − g(t)² ∇ₓ log p_t(x)] dt + g(t) dw̄,   so a step of length dt back in time is
         x ← x − (f x − g² · score) dt + g √dt · z,          score = −ε̂/σ(t),
     with f, g² evaluated at the step's start; the last step returns its mean (no noise).
-    On the VE-SDE (f = 0, g = σ^t) this is the conditional seed's `Euler_Maruyama_sampler`
+    On the VE-SDE (f = 0, g = σ^t) this is the score-SDE tutorial setup's `Euler_Maruyama_sampler`
     x ← x + g² · score · dt + g √dt · z.
     t_end: on a continuous schedule, evaluate at linspace(t_max, t_end, steps) with one step length
-        dt = (t_max − t_end)/(steps − 1) for every step, the last included (as the seed, t_end = 1e-3: its
+        dt = (t_max − t_end)/(steps − 1) for every step, the last included (as the score-SDE tutorial setup, t_end = 1e-3: its
         last step ends at t_end − dt ≈ 0); None = the schedule's grid, whose last step ends at t = 0.
         Ignored on discrete schedules (their trailing grid is evenly spaced and ends at 0).
     final_denoise: the last step returns x̂₀ of its own evaluation (Tweedie's denoised estimate; score_sde's
         `noise_removal`, k-diffusion's last Euler step) instead of the SDE step's mean, which still holds the
-        noise of the step before (at t_end on the seed grid: a grainy background). False = the seed's sampler.
+        noise of the step before (at t_end on the score-SDE tutorial setup grid: a grainy background). False = the score-SDE tutorial setup's sampler.
     One network evaluation per step.
     """
 
     stochastic = True
+    config_rules = {"t_end": Float(0, 1, open_lo=True, open_hi=True, nullable=True), "final_denoise": BOOL}
 
     def __init__(self, steps: int = 500, spacing: str = "auto",
                  t_end: float | None = None, final_denoise: bool = False, **kwargs):
@@ -333,6 +342,7 @@ class PredictorCorrector(Sampler):
     """
 
     stochastic = True
+    config_rules = {"snr": POSITIVE, "corrector_steps": Int(0)}
 
     def __init__(self, steps: int = 500, spacing: str = "auto", snr: float = 0.16, corrector_steps: int = 1, **kwargs):
         super().__init__(steps, spacing, **kwargs)
@@ -373,6 +383,9 @@ class Heun(Sampler):
     across such a σ̃ ratio is not. Network evaluations: 2·steps − 1, one fewer per such step (the last
     step, to σ̃ = 0, is an Euler step).
     """
+
+    order = 2  # at s_churn 0
+    config_rules = {"s_churn": Float(0), "s_tmin": Float(0), "s_tmax": Float(0, infinite=True), "s_noise": POSITIVE}
 
     def __init__(self, steps: int = 18, spacing: str = "auto",
                  s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0,
@@ -421,6 +434,8 @@ class DPMSolverPP(Sampler):
     `final_sigmas_type="zero"`). One network evaluation per step.
     """
 
+    order = 2
+
     def __init__(self, steps: int = 20, spacing: str = "auto", **kwargs):
         super().__init__(steps, spacing, **kwargs)
 
@@ -442,3 +457,4 @@ class DPMSolverPP(Sampler):
             if callback is not None:
                 callback(i, float(s), x, x0_hat)
         return x
+

@@ -15,6 +15,11 @@ import math
 import torch
 from torch import Tensor
 
+from diffuse.rules import Float, Int
+
+
+#: The grid layouts Schedule.timesteps knows (see there).
+SPACINGS = ("auto", "linspace", "leading", "trailing", "karras", "logsnr")
 
 #: EDM's σ_max (Karras et al. 2022): the karras/logsnr grids spread their steps below σ̃ = σ/α = 80.
 GRID_SIGMA_MAX = 80.0
@@ -215,6 +220,9 @@ class DiscreteSchedule(Schedule):
 class LinearSchedule(DiscreteSchedule):
     """Ho et al. 2020: β linear from beta_start to beta_end over T steps, ᾱ_i = Π_{j≤i} (1 − β_j)."""
 
+    config_rules = {"beta_start": Float(0, 1, open_lo=True, open_hi=True),
+                    "beta_end": Float(0, 1, open_lo=True, open_hi=True), "num_timesteps": Int(2)}
+
     def __init__(self, beta_start: float = 1e-4, beta_end: float = 0.02, num_timesteps: int = 1000):
         betas = torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64)
         super().__init__(torch.cumprod(1 - betas, dim=0))
@@ -223,6 +231,8 @@ class LinearSchedule(DiscreteSchedule):
 
 class CosineSchedule(DiscreteSchedule):
     """Nichol & Dhariwal 2021, eq. 17: ᾱ(t) = f(t)/f(0), f(t) = cos²(((t/T) + s)/(1 + s) · π/2), β ≤ max_beta."""
+
+    config_rules = {"num_timesteps": Int(2), "s": Float(0), "max_beta": Float(0, 1, open_lo=True)}
 
     def __init__(self, num_timesteps: int = 1000, s: float = 0.008, max_beta: float = 0.999):
         steps = torch.arange(num_timesteps + 1, dtype=torch.float64) / num_timesteps
@@ -233,11 +243,13 @@ class CosineSchedule(DiscreteSchedule):
 
 
 class VESDESchedule(Schedule):
-    """Variance-exploding SDE as in Song's score-SDE tutorial (the conditional seed).
+    """Variance-exploding SDE as in Song's score-SDE tutorial (the score-SDE tutorial setup).
 
     dx = σ^t dW, so α(t) = 1, g(t) = σ^t and σ(t) = marginal_prob_std(t) = √((σ^{2t} − 1) / (2 ln σ)).
     Times live in [eps, 1]; the prior is N(0, σ(1)²).
     """
+
+    config_rules = {"sigma": Float(1, open_lo=True), "eps": Float(0, 1, open_lo=True, open_hi=True)}
 
     def __init__(self, sigma: float = 25.0, eps: float = 1e-5):
         self.sigma_max_base = float(sigma)

@@ -18,10 +18,10 @@ from diffuse.devices import resolve_device
 from diffuse.dims import check_dim, item_shape
 from diffuse.errors import DiffuseError
 from diffuse.tracking import Tracker
-from diffuse.training.checkpoint import KINDS, latest_run, load_checkpoint, run_folder_of, run_kind
+from diffuse.storage.checkpoint import KINDS, latest_run, load_checkpoint, run_folder_of, run_kind
 from diffuse.training.distributed import broadcast_object, cleanup, init_distributed
 from diffuse.training.loop import Run, Trainer
-from diffuse.training.export import is_export, read_export, run_config
+from diffuse.storage.export import is_export, read_export, run_config
 from diffuse.validation import validate, validate_stored
 
 log = logging.getLogger(__name__)
@@ -193,13 +193,13 @@ def fit(trainer: Trainer, state: dict | None, what: str, after: Callable[[dict],
     parameter count. what: the model, for the start line (e.g. "model UNet")."""
     if state is not None:
         trainer.load_state_dict(state)
-    dist, tcfg, n_params = trainer.dist, trainer.cfg, trainer.num_parameters
+    dist, n_params = trainer.dist, trainer.num_parameters
     if dist.is_main:
-        batch, accum = trainer.data.batch_size, tcfg.grad_accum_steps
+        batch, accum = trainer.data.batch_size, trainer.settings.grad_accum_steps
         log.info("%s: %.2fM parameters; %d steps of batch %d×%d%s (global batch %d) on %s in %s; run dir %s",
-                 what, n_params / 1e6, tcfg.max_steps, batch, dist.world_size,
+                 what, n_params / 1e6, trainer.max_steps, batch, dist.world_size,
                  f"×{accum} accumulated" if accum > 1 else "", batch * dist.world_size * accum, trainer.device,
-                 tcfg.precision, trainer.run_dir)
+                 trainer.precision, trainer.run_dir)
     try:
         summary = trainer.fit()
         if after is not None:

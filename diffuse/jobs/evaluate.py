@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from diffuse import fidelity, metrics
 from diffuse.building import build, without_locations
+from diffuse.data.base import split_config
 from diffuse.data.latent import is_latent_run
 from diffuse.diffusion.generation import class_labels
 from diffuse.diffusion.guidance import guidance_note
@@ -44,8 +45,7 @@ def reference_dataset(saved: DictConfig, split: str | None, data_root: str | Non
     if "path" in node and not node["path"]:
         raise DiffuseError("the run trained on a folder of its own (dataset=folder), and a checkpoint never chooses "
                            "the files read: give that folder with data_root=FOLDER")
-    if split and "split" in node:
-        node["split"] = split
+    node = split_config(node, split) or node
     return build(OmegaConf.create(node), "dataset")
 
 

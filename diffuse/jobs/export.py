@@ -1,7 +1,7 @@
 """`diffuse export`: a trained diffusion checkpoint → model.safetensors + config.json (+ vae.safetensors for a
 latent run, so that the folder decodes its samples alone), in `out` (default: this job's run folder).
 
-The folder loads without diffuse's checkpoint format (safetensors + JSON: see diffuse/training/export.py),
+The folder loads without diffuse's checkpoint format (safetensors + JSON: see diffuse/storage/export.py),
 and `diffuse sample checkpoint=FOLDER` / `diffuse evaluate checkpoint=FOLDER` / `diffuse train init_from=FOLDER`
 take it as they take a checkpoint.
 """
@@ -16,10 +16,10 @@ from omegaconf import DictConfig, OmegaConf
 from diffuse.data.latent import CHECKPOINT_KEY, NO_EMBEDDED_VAE, is_latent_run
 from diffuse.errors import DiffuseError
 from diffuse.jobs.common import find_checkpoint, report
-from diffuse.training.checkpoint import load_checkpoint, run_folder_of
+from diffuse.storage.checkpoint import load_checkpoint, run_folder_of
 from diffuse.training.distributed import launched_rank_world
-from diffuse.training.export import write_export
-from diffuse.validation import run_guidance_scale, with_steps
+from diffuse.storage.export import write_export
+from diffuse.jobs.sampling_setup import run_guidance_scale, with_steps
 
 log = logging.getLogger(__name__)
 

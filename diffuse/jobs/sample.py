@@ -65,7 +65,7 @@ def _run(cfg: DictConfig, run_dir: Path, device: torch.device, dist: DistInfo) -
     nrow = len(x) // num_classes if per_class_rows else None
     class_names = list(session.run.state.get("class_names") or map(str, range(num_classes)))
     max_columns = int(cfg.get("grid_max_columns", media.GRID_MAX_COLUMNS) or 0) or None
-    if per_class_rows:  # the conditional seed's classes figure: a labelled row per class
+    if per_class_rows:  # the score-SDE tutorial setup's classes figure: a labelled row per class
         paths["grid"] = media.save_class_grid(x, out.y, run_dir / "grid.png", class_names=class_names,
                                               view=cfg.view, max_columns=max_columns)
         if max_columns and nrow > max_columns:
@@ -73,7 +73,7 @@ def _run(cfg: DictConfig, run_dir: Path, device: torch.device, dist: DistInfo) -
                      max_columns, nrow, max_columns, len(x), paths["samples"].name)
     else:
         paths["grid"] = media.save_grid(x, run_dir / "grid.png", view=cfg.view, max_columns=max_columns)
-    # the first sample alone at the data's own size (the Flowers seed's generated_pixel_diffusion.png)
+    # the first sample alone at the data's own size (the Flowers UNet setup's generated_pixel_diffusion.png)
     paths["sample"] = media.save_sample_image(x, run_dir / "sample.png", view=cfg.view)
     if anim.enabled:
         frames = [session.decode(s) for s in out.states]
@@ -81,7 +81,7 @@ def _run(cfg: DictConfig, run_dir: Path, device: torch.device, dist: DistInfo) -
                                                   nrow=nrow, fps=anim.fps, hold_last=anim.hold, view=cfg.view,
                                                   times=out.times, max_columns=max_columns,
                                                   row_labels=class_names[:num_classes] if per_class_rows else None)
-        # the conditional seed's step strip: one sample per row (the first of each class) across the steps
+        # the score-SDE tutorial setup's step strip: one sample per row (the first of each class) across the steps
         firsts = [int(i) for i in range(0, len(x), nrow)] if per_class_rows else [0]
         paths["steps"] = media.save_step_strip(frames, out.times, run_dir / "steps.png", index=firsts,
                                                steps=int(anim.strip_steps), view=cfg.view)

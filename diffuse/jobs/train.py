@@ -7,25 +7,28 @@ import math
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from diffuse import media
 from diffuse.building import build
-from diffuse.data.latent import CHECKPOINT_KEY, LATENT_DATASET, NO_EMBEDDED_VAE, LatentDataset, is_latent_run
+from diffuse.data.latent import CHECKPOINT_KEY, NO_EMBEDDED_VAE, LatentDataset, is_latent_run
+from diffuse.data.base import heldout_of
 from diffuse.data.loader import BatchStream
 from diffuse.diffusion.generation import SamplingPlan
 from diffuse.diffusion.guidance import null_class_of
-from diffuse.diffusion.objectives import DiffusionLoss
+from diffuse.diffusion.objectives import DiffusionLoss, parameterization
 from diffuse.dims import config_item_shape
 from diffuse.errors import DiffuseError
 from diffuse.jobs.common import build_dataset, data_shape, fit, run_trainer_process, start_run
-from diffuse.jobs.latent_space import latent_sampler_config, use_latent_space
+from diffuse.jobs.latent_space import use_latent_space
+from diffuse.jobs.sampling_setup import resolved_sampler, run_guidance_scale, sampling_plan
+from diffuse.training.callbacks import Grids, Measurement
 from diffuse.training.heldout import HeldOutLoss
 from diffuse.training.init_weights import start_from_weights
 from diffuse.training.loop import Trainer
 from diffuse.training.sample_grids import SampleGrids
 from diffuse.training.sample_quality import SampleQuality
-from diffuse.validation import check_model_fits_data, run_guidance_scale, with_steps
+from diffuse.training.settings import TrainerSettings
+from diffuse.validation import check_model_fits_data
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +36,9 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> d
     return run_trainer_process(cfg, Path(run_dir), overrides or [], "diffusion", _train)
 
 
-# trainer.num_sample_images / sample_steps = auto: today's 32 images × 250 steps up to this many values per
+# trainer.num_sample_images / sample_steps = auto: 32 images × 250 steps up to AUTO_SMALL_VALUES values per
 # sample (every 1-D set, 2-D up to 128² grey or 64² RGB); above it, about SAMPLE_BUDGET values per grid
-# (8 samples of 32³) at AUTO_STEPS_BIG steps (the msnat_3d experiment's 8 × 50): 20× less than 32 × 250, the
-# >10 min end of a 3-D run on the CPU, which a single CPU core still needs ~6 min for at 32³ with MSNAT.
+# (8 samples of 32³) at AUTO_STEPS_BIG steps (the msnat_3d experiment's 8 × 50): 20× less work per grid.
 AUTO_SMALL_VALUES, SAMPLE_BUDGET = 16384, 8 * 32 ** 3
 AUTO_IMAGES, AUTO_STEPS, AUTO_STEPS_BIG, AUTO_MIN_IMAGES = 32, 250, 50, 4
 
@@ -56,82 +58,55 @@ def training_sample_counts(num_images, steps, sample_shape, sampler_max_steps: i
     return int(num_images), steps
 
 
-def heldout_dataset(cfg: DictConfig, n: int, pixels: bool = False):
-    """The held-out items of the validation loss: the dataset's test split where it has splits, `shapes` from
-    another seed range; None for data with neither (the loss then uses training items, with a warning).
-    pixels: for a latent run, the data under the VAE rather than its latents."""
-    node = OmegaConf.to_container(cfg.dataset, resolve=True)
-    latent = node.get("_target_") == LATENT_DATASET
-    if latent and pixels:
-        node, latent = node["data"], False
-    inner = node["data"] if latent else node
-    if "split" in inner:
-        inner["split"] = "test"
-    elif inner.get("_target_", "").endswith(".ShapesDataset"):
-        inner.update(seed=int(inner.get("seed", 0)) + 1_000_003, size=n)  # indices never seen in training
-    else:
-        return None
-    if latent:
-        node["cache"] = False  # encode only the items used
-    return build(node, "held-out dataset")
+def run_plan(cfg: DictConfig, schedule, sample_shape, device, steps: int | None = None, model=None) -> SamplingPlan:
+    """How this run draws its own samples (grids, eval_every): its sampler (`steps` of it when given), its
+    guidance.scale, the network at trainer.precision; one set-up with sample/evaluate (jobs/sampling_setup.py)."""
+    plan, _ = sampling_plan(cfg, sample_shape, device, schedule=schedule, model=model, steps=steps,
+                            precision=cfg.trainer.get("precision", "auto"), batch_size=int(cfg.trainer.batch_size),
+                            seed=int(cfg.seed))
+    return plan
 
 
-def run_guidance(cfg: DictConfig) -> float:
-    """The guidance scale of this run's own samples (guidance.scale; auto: guided when it learns a null class)."""
-    return run_guidance_scale(cfg, "this run")
-
-
-def run_sampler(cfg: DictConfig) -> DictConfig:
-    """The run's own sampler node (latent runs: unclipped), steps=auto made a number."""
-    return with_steps(latent_sampler_config(cfg.sampler, is_latent_run(cfg)), run_guidance(cfg))
-
-
-def sampling_plan(cfg: DictConfig, schedule, sample_shape, device, steps: int | None = None) -> SamplingPlan:
-    """The run's own sampler (run_sampler), `steps` of it when given, guided by `guidance.scale`."""
-    node = run_sampler(cfg)
-    if steps is not None:
-        node = OmegaConf.merge(node, {"steps": int(steps)})
-    return SamplingPlan(schedule, build(node, "sampler"), sample_shape, cfg.objective.prediction,
-                        run_guidance(cfg), int(cfg.trainer.batch_size), device, int(cfg.seed))
-
-
-def sample_grids(cfg: DictConfig, schedule, dataset, data, class_names, tracker, run_dir: Path, device) -> SampleGrids:
+def sample_grids(cfg: DictConfig, settings: TrainerSettings, schedule, dataset, model, data, class_names, tracker,
+                 run_dir: Path, device) -> Grids:
     """trainer.sample_every's grids, with counts that scale with the data's size (training_sample_counts)."""
-    tcfg, shape = cfg.trainer, data_shape(dataset)
-    num_images, steps = training_sample_counts(tcfg.get("num_sample_images", "auto"), tcfg.get("sample_steps", "auto"),
-                                               shape, int(run_sampler(cfg).steps))
-    return SampleGrids(sampling_plan(cfg, schedule, shape, device, steps), num_images, class_names,
-                       run_dir / "samples", tracker, data,
-                       max_columns=int(tcfg.get("grid_max_columns", media.GRID_MAX_COLUMNS) or 0) or None,
-                       final_samples=bool(tcfg.get("final_samples", True)), final_animation=bool(tcfg.final_animation),
-                       decode=dataset.decode if isinstance(dataset, LatentDataset) else None)
+    shape = data_shape(dataset)
+    own_steps = int(resolved_sampler(cfg, guidance=run_guidance_scale(cfg, "this run")).steps)
+    num_images, steps = training_sample_counts(settings.num_sample_images, settings.sample_steps, shape, own_steps)
+    grids = SampleGrids(run_plan(cfg, schedule, shape, device, steps, model), num_images, class_names,
+                        run_dir / "samples", tracker, data, max_columns=settings.grid_max_columns or None,
+                        final_samples=settings.final_samples, final_animation=settings.final_animation,
+                        decode=dataset.decode if isinstance(dataset, LatentDataset) else None)
+    return Grids(grids, settings.sample_every)
 
 
-def sample_quality(cfg: DictConfig, schedule, dataset, num_classes: int, device) -> SampleQuality:
+def sample_quality(cfg: DictConfig, settings: TrainerSettings, schedule, dataset, model, device) -> Measurement:
     """trainer.eval_every's scorer: `eval_num_samples` EMA samples (the run's sampler, `eval_sampler_steps`
     steps) against as many held-out real images (data space: latent runs decode), by `eval_metric`."""
-    tcfg = cfg.trainer
-    n = int(tcfg.eval_num_samples)
-    latent = dataset if isinstance(dataset, LatentDataset) else None
-    reference = heldout_dataset(cfg, n, pixels=True) or (latent.data if latent else dataset)
+    n = settings.eval_num_samples
+    pixels = dataset.data if isinstance(dataset, LatentDataset) else dataset
+    reference = heldout_of(pixels, n) or pixels
     if len(reference) < n:
         raise DiffuseError(f"trainer.eval_num_samples={n} but the held-out data holds {len(reference)} items")
     real = reference.get_batch(torch.arange(n), torch.Generator().manual_seed(0))[0]
-    plan = sampling_plan(cfg, schedule, data_shape(dataset), device, tcfg.get("eval_sampler_steps"))
-    return SampleQuality(tcfg.eval_metric, real, plan, num_classes, decode=latent.decode if latent else None,
-                         weights=tcfg.get("eval_inception_weights"))
+    plan = run_plan(cfg, schedule, data_shape(dataset), device, settings.eval_sampler_steps, model)
+    quality = SampleQuality(settings.eval_metric, real, plan, int(getattr(model, "num_classes", 0) or 0),
+                            decode=dataset.decode if pixels is not dataset else None,
+                            weights=settings.eval_inception_weights)
+    return Measurement(quality, settings.eval_every, main_only=True)
 
 
-def held_out_loss(cfg: DictConfig, schedule, dataset, device, is_main: bool) -> HeldOutLoss | None:
-    """trainer.val_items' validation loss, on held-out items where the data has them."""
-    tcfg = cfg.trainer
-    if not tcfg.val_items:
+def held_out_loss(cfg: DictConfig, settings: TrainerSettings, schedule, dataset, device,
+                  is_main: bool) -> Measurement | None:
+    """trainer.val_items' validation loss, on the dataset's held-out items where it has them."""
+    if not settings.val_items:
         return None
-    heldout = heldout_dataset(cfg, int(tcfg.val_items))
+    heldout = heldout_of(dataset, settings.val_items)
     if heldout is None and is_main:
         log.warning("dataset has no test split: the validation loss is measured on training items")
-    return HeldOutLoss(heldout or dataset, schedule, cfg.objective.prediction, n=int(tcfg.val_items),
-                       batch_size=tcfg.batch_size, device=device)
+    loss = HeldOutLoss(heldout or dataset, schedule, parameterization(cfg.objective), n=settings.val_items,
+                       batch_size=settings.batch_size, device=device)
+    return Measurement(loss, settings.val_every)
 
 
 def build_model(cfg: DictConfig, state: dict | None, is_main: bool) -> torch.nn.Module:
@@ -147,9 +122,9 @@ def build_model(cfg: DictConfig, state: dict | None, is_main: bool) -> torch.nn.
 
 
 def _train(cfg, run_dir, state, device, dist) -> dict:
-    """The recipe: data, model, schedule and loss from the config; the trainer with its grids, validation
-    loss and sample quality; fit; report."""
-    tcfg = cfg.trainer
+    """The recipe: data, model, schedule and loss from the config; the trainer with its callbacks (held-out
+    loss, sample quality, grids); fit; report."""
+    settings = TrainerSettings.from_config(cfg.trainer)
     use_latent_space(cfg)  # latent.vae=PATH: cfg.dataset becomes that VAE's latents of the data
     model = build_model(cfg, state, dist.is_main).to(device)
     record = None
@@ -159,9 +134,9 @@ def _train(cfg, run_dir, state, device, dist) -> dict:
             raise DiffuseError(NO_EMBEDDED_VAE)
     dataset = build_dataset(cfg, device, vae_record=record)
     schedule = build(cfg.schedule, "schedule")
-    loss_fn = DiffusionLoss(cfg.objective.prediction, cfg.objective.weighting, cfg.objective.min_snr_gamma,
-                            cond_drop_prob=tcfg.cond_drop_prob, null_class=null_class_of(model))
-    data = BatchStream(dataset, tcfg.batch_size, seed=cfg.seed, rank=dist.rank, world_size=dist.world_size,
+    loss_fn = DiffusionLoss(parameterization(cfg.objective), cond_drop_prob=settings.cond_drop_prob,
+                            null_class=null_class_of(model))
+    data = BatchStream(dataset, settings.batch_size, seed=cfg.seed, rank=dist.rank, world_size=dist.world_size,
                        device=device)
     run = start_run(cfg, run_dir, state, device, dist)
 
@@ -169,10 +144,10 @@ def _train(cfg, run_dir, state, device, dist) -> dict:
     class_names = [str(c) for c in getattr(dataset, "class_names", None) or range(num_classes)]
     extra_state = {"wandb_id": run.tracker.run_id or "", "class_names": class_names,
                    **(dataset.checkpoint_state() if isinstance(dataset, LatentDataset) else {})}
-    grids = sample_grids(cfg, schedule, dataset, data, class_names[:num_classes], run.tracker, run.dir, device) \
-        if tcfg.sample_every else None
-    evaluator = sample_quality(cfg, schedule, dataset, num_classes, device) if tcfg.eval_every else None
-    trainer = Trainer(model, loss_fn, data, tcfg, run, schedule=schedule, kind="diffusion", extra_state=extra_state,
-                      on_sample=grids, validator=held_out_loss(cfg, schedule, dataset, device, dist.is_main),
-                      evaluator=evaluator)
+    callbacks = [held_out_loss(cfg, settings, schedule, dataset, device, dist.is_main),
+                 sample_quality(cfg, settings, schedule, dataset, model, device) if settings.eval_every else None,
+                 sample_grids(cfg, settings, schedule, dataset, model, data, class_names[:num_classes], run.tracker,
+                              run.dir, device) if settings.sample_every else None]
+    trainer = Trainer(model, loss_fn, data, settings, run, schedule=schedule, kind="diffusion",
+                      extra_state=extra_state, callbacks=[c for c in callbacks if c is not None])
     return fit(trainer, state, f"model {cfg.model._target_.rsplit('.', 1)[-1]}")

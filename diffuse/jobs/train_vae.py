@@ -17,11 +17,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from diffuse import media
 from diffuse.building import build
+from diffuse.data.base import split_config
 from diffuse.data.loader import BatchStream
 from diffuse.errors import DiffuseError
 from diffuse.jobs.common import build_dataset, fit, run_trainer_process, start_run
 from diffuse.models.vae import VAELoss, check_vae_fits_data
 from diffuse.tracking import Tracker
+from diffuse.training.callbacks import Grids
 from diffuse.training.loop import Trainer
 
 log = logging.getLogger(__name__)
@@ -66,13 +68,9 @@ def reconstruction_mse(vae, dataset, batch_size: int, device: torch.device, max_
 
 
 def _evaluation_dataset(cfg: DictConfig):
-    """The dataset again with `split` = evaluate.split, or None when the dataset has no splits."""
-    split = cfg.get("evaluate", {}).get("split")
-    if not split or "split" not in cfg.dataset:
-        return None
-    node = OmegaConf.to_container(cfg.dataset, resolve=True)
-    node["split"] = split
-    return build(node, "evaluation dataset")
+    """The dataset again with `split` = evaluate.split, or None when the dataset has no named splits."""
+    node = split_config(OmegaConf.to_container(cfg.dataset, resolve=True), cfg.get("evaluate", {}).get("split"))
+    return None if node is None else build(node, "evaluation dataset")
 
 
 class ReconstructionGrids:
@@ -123,9 +121,10 @@ def _train_vae(cfg, run_dir, state, device, dist) -> dict:
 
     num_shown = 32 if tcfg.num_sample_images == "auto" else int(tcfg.num_sample_images)  # no sampling here: auto = 32
     shown = dataset.get_batch(torch.arange(min(num_shown, len(dataset))), None)[0].to(device)
-    grids = ReconstructionGrids(shown, run.dir / "samples", run.tracker) if tcfg.sample_every else None
+    callbacks = [Grids(ReconstructionGrids(shown, run.dir / "samples", run.tracker), tcfg.sample_every)] \
+        if tcfg.sample_every else []
     trainer = Trainer(vae, loss_fn, data, tcfg, run, kind="vae", extra_state={"wandb_id": run.tracker.run_id or ""},
-                      on_sample=grids)
+                      callbacks=callbacks)
 
     def after(summary: dict) -> None:
         if cfg.vae.scale_factor == "auto":

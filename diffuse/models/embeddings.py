@@ -7,6 +7,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from diffuse.rules import Choice, Int
+
 
 class SinusoidalTimeEmbedding(nn.Module):
     """Transformer-style sinusoids of `scale·t` (Ho et al. 2020 use the step index: scale = T = 1000).
@@ -85,6 +87,9 @@ class TimeAndClassConditioned:
 
     time_embed: nn.Module
     class_embed: ClassEmbedding | None
+    supported_dims: tuple[int, ...] = (1, 2, 3)  # spatial dims the network takes (the model contract tests each)
+    config_rules = {"dim": Choice(1, 2, 3), "in_channels": Int(1), "out_channels": Int(1, nullable=True),
+                    "num_classes": Int(0)}
 
     @property
     def null_class(self) -> int | None:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffuse.dims import check_dim
+from diffuse.rules import POSITIVE, Float, Int
 from diffuse.models.attention import NeighborhoodAttention
 from diffuse.models.blocks import Downsample, ResBlock, Upsample, conv_nd, output_head
 from diffuse.models.embeddings import ClassEmbedding, SinusoidalTimeEmbedding, TimeAndClassConditioned, TimeMLP
@@ -140,6 +141,9 @@ class MSNATUNet(TimeAndClassConditioned, nn.Module):
     # precision=auto keeps fp32 on a CPU even where it has AMX: the default 2-D MSNAT's training step was 0.78×
     # as fast under bf16 autocast there (its neighborhood attention's gathers and small matmuls gain nothing)
     bf16_pays_on_cpu = False
+    config_rules = {"base_channels": Int(1), "num_res_blocks": Int(1), "mid_depth": Int(0), "mlp_ratio": POSITIVE,
+                    "time_emb_dim": Int(2, nullable=True), "dropout": Float(0, 1, open_hi=True),
+                    "levels": None, "attention": None}  # None: the constructor checks those (levels_for_dim)
 
     def __init__(self, dim: int = 2, in_channels: int = 1, out_channels: int | None = None,
                  base_channels: int = 32, levels: Sequence[Mapping] | Mapping | None = None,

@@ -1,4 +1,4 @@
-"""A small UNet built from ShuffleNet v2 units (the MNIST seed), 2-D.
+"""A small UNet built from ShuffleNet v2 units (the MNIST ShuffleNet setup), 2-D.
 
 forward(x [B, C, H, W], t [B] in [0, 1], y [B] | None) → [B, out_channels, H, W]
 
@@ -7,11 +7,11 @@ ShuffleNet v2 (Ma et al. 2018, https://arxiv.org/abs/1807.11164) units are the r
     other goes 1×1 conv → 3×3 depthwise conv → 1×1 conv; concatenate; shuffle the channels so the halves mix;
   - stride-2 unit (downsampling): both branches see all channels, each with a stride-2 depthwise conv.
 The encoder runs 28×28 → 14×14 → 7×7 (for MNIST; any size works) and the decoder comes back with bilinear
-upsampling and skip connections, as in the seed. A sinusoidal time embedding goes through an MLP and is
+upsampling and skip connections, as in that setup. A sinusoidal time embedding goes through an MLP and is
 added to the feature maps in every encoder and decoder block; a class embedding (with a null class for
 classifier-free guidance) is added to the time embedding.
 
-Departure from the seed: GroupNorm instead of BatchNorm by default (`norm: batch` restores it), so a
+Departure from the MNIST ShuffleNet setup: GroupNorm instead of BatchNorm by default (`norm: batch` restores it), so a
 sample does not depend on what else is in its batch and the EMA weights match their normalisation.
 """
 
@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffuse.models.blocks import broadcast_channels, group_norm
+from diffuse.rules import Choice, Int, Ints
 from diffuse.models.embeddings import ClassEmbedding, SinusoidalTimeEmbedding, TimeAndClassConditioned, TimeMLP
 
 NORMS = ("group", "batch")
@@ -51,7 +52,7 @@ def channel_shuffle(x: Tensor, groups: int = 2) -> Tensor:
 
 class ShuffleUnit(nn.Module):
     """ShuffleNet v2 basic unit, in_ch → out_ch (both even). With in_ch == out_ch the first half is the
-    identity (a residual path); otherwise it is projected by depthwise 3×3 → 1×1, as in the seed."""
+    identity (a residual path); otherwise it is projected by depthwise 3×3 → 1×1, as in that setup."""
 
     def __init__(self, in_ch: int, out_ch: int, norm: str = "group"):
         super().__init__()
@@ -83,7 +84,7 @@ class ShuffleDownUnit(nn.Module):
 
 
 class _AddTime(nn.Module):
-    """h + Linear(emb) broadcast over space, then SiLU (the seed's TimeMLP step)."""
+    """h + Linear(emb) broadcast over space, then SiLU (the MNIST ShuffleNet setup's TimeMLP step)."""
 
     def __init__(self, emb_dim: int, channels: int):
         super().__init__()
@@ -127,11 +128,15 @@ class DecoderBlock(nn.Module):
 
 class ShuffleNetUNet(TimeAndClassConditioned, nn.Module):
     """Encoder blocks at widths base·channel_mult (each halves the size), a middle of ShuffleUnits, and
-    mirrored decoder blocks; the seed is base_channels=64, channel_mult=(2, 4): 28 → 14 → 7 → 14 → 28.
+    mirrored decoder blocks; the MNIST ShuffleNet setup is base_channels=64, channel_mult=(2, 4): 28 → 14 → 7 → 14 → 28.
 
-    units: basic units per block before its channel-changing unit (3 in the seed).
+    units: basic units per block before its channel-changing unit (3 in the MNIST ShuffleNet setup).
     time_emb_dim: width of the sinusoidal time embedding (the MLP keeps it).
     """
+
+    supported_dims = (2,)
+    config_rules = {"base_channels": Int(1), "channel_mult": Ints(1), "units": Int(1), "time_emb_dim": Int(2),
+                    "norm": Choice("group", "batch")}
 
     def __init__(self, dim: int = 2, in_channels: int = 1, out_channels: int | None = None,
                  base_channels: int = 64, channel_mult: Sequence[int] = (2, 4), units: int = 3,

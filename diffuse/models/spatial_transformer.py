@@ -1,4 +1,4 @@
-"""A class-conditional UNet with spatial transformers (the conditional seed), after the UNet of Song's
+"""A class-conditional UNet with spatial transformers (the score-SDE tutorial setup), after the UNet of Song's
 score-SDE tutorial extended with cross-attention to a class embedding, as in latent diffusion.
 
 forward(x [B, C, *spatial], t [B] in [0, 1], y [B] | None) → [B, out_channels, *spatial]
@@ -8,7 +8,7 @@ forward(x [B, C, *spatial], t [B] in [0, 1], y [B] | None) → [B, out_channels,
 - Class: `nn.Embedding` of the label (plus one null label for classifier-free guidance) used as the
   cross-attention context, one token per sample.
 - Encoder: Conv (3×3, stride 1 then 2, 2, 2, no padding: 28 → 26 → 12 → 5 → 2) → + Dense(time) →
-  GroupNorm → SiLU ("swish" in the tutorial; the seed's README says GELU for the transformer MLP, which is
+  GroupNorm → SiLU ("swish" in the tutorial; the score-SDE tutorial setup's README says GELU for the transformer MLP, which is
   what the MLP uses); SpatialTransformer blocks at the two coarsest levels.
 - SpatialTransformer: flatten [B, C, *spatial] to tokens [B, N, C], then self-attention, cross-attention on
   the class embedding, MLP (GELU), each pre-norm with a residual, and reshape back, plus an outer residual.
@@ -20,7 +20,7 @@ i.e. the last layer itself learns score·σ = −ε. Here the last layer is retu
 project's objective (ε-prediction by default), so it learns +ε: the same network up to the sign of its
 last layer, and sampling is the same through score = −ε̂/σ.
 
-Dimension-agnostic like the rest (N-d convs; tokens are all positions), though the seed is 2-D.
+Dimension-agnostic like the rest (N-d convs; tokens are all positions), though the score-SDE tutorial setup is 2-D.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffuse.dims import check_dim
+from diffuse.rules import POSITIVE, Int, Ints
 from diffuse.models.attention import MultiHeadAttention
 from diffuse.models.blocks import broadcast_channels, conv_nd, conv_transpose_nd
 from diffuse.models.embeddings import ClassEmbedding, GaussianFourierProjection, TimeAndClassConditioned
@@ -92,6 +93,9 @@ class SpatialTransformerUNet(TimeAndClassConditioned, nn.Module):
     num_classes > 0: class embedding of width context_dim as cross-attention context (null class included);
     num_classes = 0: no cross-attention, an unconditional score UNet.
     """
+
+    config_rules = {"channels": Ints(1), "embed_dim": Int(2), "context_dim": Int(1), "heads": Int(1),
+                    "attn_levels": Ints(0), "fourier_scale": POSITIVE}
 
     def __init__(self, dim: int = 2, in_channels: int = 1, out_channels: int | None = None,
                  channels: Sequence[int] = (32, 64, 128, 256), embed_dim: int = 256, context_dim: int = 256,

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from diffuse.dims import check_dim
+from diffuse.rules import Float, Int, Ints
 from diffuse.models.attention import SpatialSelfAttention
 from diffuse.models.blocks import Downsample, ResBlock, Upsample, conv_nd, output_head
 from diffuse.models.embeddings import ClassEmbedding, SinusoidalTimeEmbedding, TimeAndClassConditioned, TimeMLP
@@ -23,6 +24,10 @@ class UNet(TimeAndClassConditioned, nn.Module):
     time_emb_dim: width of the sinusoidal embedding (the MLP widens it to 4·base_channels).
     num_classes > 0 adds a class embedding (plus a null class for guidance) to the time embedding.
     """
+
+    config_rules = {"base_channels": Int(1), "channel_mult": Ints(1), "num_res_blocks": Int(1),
+                    "attn_levels": Ints(0), "attn_heads": Int(1), "time_emb_dim": Int(2, nullable=True),
+                    "dropout": Float(0, 1, open_hi=True)}
 
     def __init__(self, dim: int = 2, in_channels: int = 1, out_channels: int | None = None,
                  base_channels: int = 32, channel_mult: Sequence[int] = (1, 2, 2), num_res_blocks: int = 1,

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from diffuse.dims import check_dim
 from diffuse.errors import DiffuseError
+from diffuse.rules import BOOL, Choice, Int, Ints
 from diffuse.models.attention import MultiHeadAttention
 from diffuse.models.blocks import Upsample, conv_nd, group_norm
 
@@ -130,6 +131,10 @@ def _check_scale(scale: Tensor) -> None:
 
 class VAEEncoder(nn.Module):
     """x [B, in_channels, *S] → z [B, latent_channels, *S / 2^(levels−1)], scaled by scale_factor."""
+
+    config_rules = {"dim": Choice(1, 2, 3), "in_channels": Int(1), "channels": Int(1), "channel_mult": Ints(1),
+                    "num_res_blocks": Int(1), "latent_channels": Int(1), "attention": BOOL, "attn_heads": Int(1),
+                    "scale_factor": None}  # scale_factor: a number or auto (fitted by train-vae)
 
     def __init__(self, dim: int = 2, in_channels: int = 3, latent_channels: int = 4, channels: int = 128,
                  channel_mult: Sequence[int] = (1, 2, 4, 4), num_res_blocks: int = 2, attention: bool = True,

@@ -10,14 +10,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from diffuse.diffusion.objectives import prediction_to_eps
+from diffuse.diffusion.objectives import Parameterization, noised, parameterization
 
 
 class HeldOutLoss:
     """dataset: the held-out items (the `diffuse.data` interface); n: how many (the first n); returns
     {"val_loss": mean over items of mean_elements (ε̂ − ε)²} from `__call__(model)`."""
 
-    def __init__(self, dataset, schedule, prediction: str, n: int = 256, batch_size: int = 64,
+    def __init__(self, dataset, schedule, prediction: Parameterization | str, n: int = 256, batch_size: int = 64,
                  device: torch.device | str = "cpu", seed: int = 0):
         n = min(int(n), len(dataset))
         fixed = torch.Generator().manual_seed(seed)  # the same items, times and noise in every evaluation
@@ -25,7 +25,8 @@ class HeldOutLoss:
         self.x0, self.y = x0.float().to(device), y.to(device)
         self.t = schedule.sample_training_times(n, generator=fixed, device="cpu").to(device)
         self.noise = torch.randn(self.x0.shape, generator=fixed).to(device)
-        self.schedule, self.prediction, self.batch_size = schedule, prediction, int(batch_size)
+        self.schedule, self.batch_size = schedule, int(batch_size)
+        self.parameterization = parameterization(prediction)
         self.conditional = getattr(dataset, "num_classes", 0) > 0
 
     @torch.no_grad()
@@ -36,10 +37,8 @@ class HeldOutLoss:
         for i in range(0, len(self.x0), self.batch_size):
             x0, t, noise = (v[i:i + self.batch_size] for v in (self.x0, self.t, self.noise))
             y = self.y[i:i + self.batch_size] if self.conditional else None
-            alpha, sigma = self.schedule.alpha(t).float(), self.schedule.sigma(t).float()  # [B]
-            shape = (-1,) + (1,) * (x0.dim() - 1)
-            x_t = alpha.view(shape) * x0 + sigma.view(shape) * noise
-            eps = prediction_to_eps(model(x_t, t, y).float(), x_t, alpha, sigma, self.prediction)
+            x_t, alpha, sigma = noised(self.schedule, x0, t, noise)
+            eps = self.parameterization.eps(model(x_t, t, y).float(), x_t, alpha, sigma)
             total += float(((eps - noise) ** 2).flatten(1).mean(1).sum())
         model.train(was_training)
         return {"val_loss": total / len(self.x0), "val_items": len(self.x0)}

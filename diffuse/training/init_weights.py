@@ -17,8 +17,8 @@ import torch
 from omegaconf import DictConfig, open_dict
 
 from diffuse.errors import DiffuseError
-from diffuse.training.checkpoint import load_checkpoint
-from diffuse.training.export import WEIGHTS, is_export, load_tensors, read_metadata
+from diffuse.storage.checkpoint import load_checkpoint
+from diffuse.storage.export import WEIGHTS, is_export, load_tensors, read_metadata
 
 log = logging.getLogger(__name__)
 

@@ -1,8 +1,8 @@
 """The training loop: one optimizer step per iteration, everything it needs to resume kept in `state_dict`.
 
 Read it top to bottom like nanoGPT's: batch → loss (autocast, reduced in fp32) → backward → clip → step →
-LR schedule → EMA; every `log_every` steps metrics, every `checkpoint_every` a checkpoint, every
-`sample_every` a sample grid (through a callback, so this file knows nothing of samplers or pictures).
+LR schedule → EMA; then the callbacks that are due (training/callbacks.py: held-out loss, sample quality, the
+metrics line, the checkpoint, sample grids), so this file knows nothing of samplers, metrics or pictures.
 """
 
 from __future__ import annotations
@@ -14,44 +14,32 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from diffuse.devices import native_bf16
+from diffuse.devices import COMPILE_MODES, PRECISIONS, resolve_precision, use_channels_last
 from diffuse.errors import DiffuseError
-from diffuse.training.checkpoint import (check_like, mark_run, non_finite, prune_checkpoints, rng_state, save_checkpoint,
+from diffuse.storage.checkpoint import (check_like, mark_run, non_finite, prune_checkpoints, rng_state, save_checkpoint,
                                          set_rng_state)
 from diffuse.training.distributed import DistInfo, all_gather_object, barrier
 from diffuse.training.ema import EMA
 from diffuse.training.graphs import GraphedNetwork, use_cuda_graphs
 from diffuse.training.nonfinite import NonFiniteSteps
-from diffuse.training.stopping import TIME_BUDGET, Interrupted, StopRequest, parse_max_time
+from diffuse.training.callbacks import Callback, LogMetrics, SaveCheckpoint, StepEnd, StepMeter
+from diffuse.training.settings import LR_SCHEDULES, TrainerSettings
+from diffuse.training.stopping import TIME_BUDGET, Interrupted, StopRequest
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def resolve_precision(name: str, device: torch.device, model: nn.Module | None = None) -> str:
-    """auto = bf16 where the device computes it natively (devices.native_bf16): a CUDA GPU that has it (half
-    the memory traffic, fp32's range, no loss scaling) or an AMX CPU, there for networks that gain from it (the
-    default UNet's training step 1.47× as fast as in fp32 on the 2-core development CPU, the same sample
-    quality; a model class can say `bf16_pays_on_cpu = False`, as MSNAT does); else fp32."""
-    if name != "auto":
-        return name
-    if device.type == "cpu" and not getattr(model, "bf16_pays_on_cpu", True):
-        return "fp32"
-    return "bf16" if native_bf16(device) else "fp32"
-LR_SCHEDULES = ("onecycle", "cosine", "constant")
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas) -> torch.optim.Optimizer:
     """AdamW, with the fused kernel on the CPU and CUDA: one pass over all parameters (on CUDA one launch
-    instead of a few per tensor; on a 2-core CPU 2 ms per step instead of 13–18 ms for the default UNet), and
-    it reads GradScaler's `found_inf` on the device, which lets a step be skipped without a host sync."""
+    instead of a few per tensor), and it reads GradScaler's `found_inf` on the device, which lets a step be
+    skipped without a host sync."""
     fused = {p.device.type for p in model.parameters()} <= {"cpu", "cuda"}
     return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=tuple(betas),
                              fused=fused or None)
@@ -84,7 +72,7 @@ def grad_norm_(parameters, max_norm: float | None) -> torch.Tensor:
 
 def build_lr_scheduler(optimizer, name: str, max_steps: int, lr: float, warmup_steps: int = 0,
                        pct_start: float = 0.3, min_lr_ratio: float = 0.0):
-    """onecycle: torch's OneCycleLR (the MNIST seed); cosine / constant: linear warm-up, then cosine decay to
+    """onecycle: torch's OneCycleLR (the MNIST ShuffleNet setup); cosine / constant: linear warm-up, then cosine decay to
     min_lr_ratio·lr, or flat. Stepped once per optimizer step (not per process, not per epoch)."""
     if name == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=max(max_steps, 2),
@@ -103,9 +91,6 @@ def build_lr_scheduler(optimizer, name: str, max_steps: int, lr: float, warmup_s
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-
-
 def compile_model(model: nn.Module, setting) -> nn.Module:
     """trainer.compile: false | true (torch.compile's default mode) | one of its modes by name
     (reduce-overhead adds CUDA graphs; max-autotune-no-cudagraphs tunes the kernels without them)."""
@@ -116,55 +101,6 @@ def compile_model(model: nn.Module, setting) -> nn.Module:
     if setting in COMPILE_MODES:
         return torch.compile(model, mode=setting)
     raise DiffuseError(f"trainer.compile must be true, false or one of {', '.join(COMPILE_MODES)}; got {setting!r}")
-
-
-def use_channels_last(setting, model: nn.Module, device: torch.device, autocast_dtype=None) -> bool:
-    """Whether to store a model's weights channels-last (NHWC), which only 2-D convolutions can use.
-
-    auto: on the CPU in fp32 for models with 2-D convolutions and no 1-D/3-D ones (the default UNet's step
-    measured ~10% faster there: oneDNN's fp32 convolutions run NHWC natively); not under bf16 autocast, where
-    NHWC made the same step 1.5× slower on an AMX CPU (102 vs 159 images/s); elsewhere left to the user.
-    """
-    convs = {type(m) for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)}
-    planar = nn.Conv2d in convs and not convs - {nn.Conv2d, nn.ConvTranspose2d}
-    if setting == "auto":
-        return planar and device.type == "cpu" and autocast_dtype is None
-    if setting is True and not planar:
-        raise DiffuseError("trainer.channels_last=true needs a model with 2-D convolutions only (dim=2)")
-    if isinstance(setting, bool):
-        return setting
-    raise DiffuseError(f"trainer.channels_last must be auto, true or false; got {setting!r}")
-
-
-@dataclass
-class TrainerConfig:
-    max_steps: int
-    log_every: int = 50
-    checkpoint_every: int = 1000
-    sample_every: int = 1000
-    grad_clip: float | None = 1.0
-    precision: str = "fp32"
-    keep_checkpoints: int | None = 3
-    max_nonfinite_steps: int = 20
-    max_time_s: float | None = None     # the time budget: stop cleanly (checkpoint, grid) when spent
-    val_every: int = 0                  # held-out loss every N steps (0: only at the end, when a validator is set)
-    grad_accum_steps: int = 1           # micro-batches per optimizer step
-    eval_every: int = 0                 # sample quality (FD / FID) every N steps (0: only at the end, if set)
-
-    @classmethod
-    def from_config(cls, tcfg, batches_per_epoch: int) -> "TrainerConfig":
-        """From a `trainer` config node; the step count from max_steps, or from epochs of the data stream."""
-        max_steps = int(tcfg.epochs) * batches_per_epoch if tcfg.get("epochs") else tcfg.max_steps
-        if not max_steps or max_steps < 1:
-            raise DiffuseError("set trainer.max_steps or trainer.epochs to a positive number")
-        if int(tcfg.get("max_nonfinite_steps", 20)) < 1:
-            raise DiffuseError(f"trainer.max_nonfinite_steps must be at least 1; got {tcfg.max_nonfinite_steps}")
-        return cls(max_steps=int(max_steps), log_every=tcfg.log_every, checkpoint_every=tcfg.checkpoint_every,
-                   sample_every=tcfg.sample_every, grad_clip=tcfg.grad_clip, precision=tcfg.precision,
-                   keep_checkpoints=tcfg.get("keep_checkpoints", 3),
-                   max_nonfinite_steps=tcfg.get("max_nonfinite_steps", 20),
-                   max_time_s=parse_max_time(tcfg.get("max_time")), val_every=tcfg.get("val_every") or 0,
-                   grad_accum_steps=tcfg.get("grad_accum_steps") or 1, eval_every=tcfg.get("eval_every") or 0)
 
 
 @dataclass
@@ -200,31 +136,26 @@ class Trainer:
     """Owns model, EMA, optimizer, LR schedule, data stream and loss RNG; `fit()` runs to max_steps.
 
     model: the network (plain; compiled and DDP-wrapped here); loss_fn(model, schedule, x0, y, generator) →
-    loss; data: a BatchStream; tcfg: the `trainer` config node; run: see Run; schedule: what loss_fn gets
-    (None for the VAE); kind: what the checkpoints hold ("diffusion" | "vae"); extra_state: more entries for
-    every checkpoint;
-    on_sample(step, ema_model, last): a sample grid every `sample_every` steps and at the end (last=True, also
-    when a time budget ends the run early);
-    validator(ema_model) -> metrics: the held-out score, every `val_every` steps and at the end (every rank);
-    evaluator(ema_model) -> metrics: sample quality, every `eval_every` steps and at the end (rank 0 draws)."""
+    loss; data: a BatchStream; settings: TrainerSettings (or a `trainer` config node); run: see Run;
+    schedule: what loss_fn gets (None for the VAE); kind: what the checkpoints hold ("diffusion" | "vae");
+    extra_state: more entries for every checkpoint; callbacks: what runs besides the steps (training/callbacks.py:
+    measurements, grids); the metrics line and the checkpoint are always there."""
 
-    def __init__(self, model: nn.Module, loss_fn: Callable, data, tcfg, run: Run, schedule=None,
-                 kind: str = "diffusion", extra_state: dict | None = None,
-                 on_sample: Callable[[int, nn.Module, bool], None] | None = None,
-                 validator: Callable[[nn.Module], dict] | None = None,
-                 evaluator: Callable[[nn.Module], dict] | None = None):
-        cfg = TrainerConfig.from_config(tcfg, data.batches_per_epoch)
-        cfg.precision = resolve_precision(cfg.precision, run.device, model)
-        if cfg.precision not in PRECISIONS:
-            raise DiffuseError(f"trainer.precision must be one of {', '.join(PRECISIONS)}, auto; got {cfg.precision!r}")
+    def __init__(self, model: nn.Module, loss_fn: Callable, data, settings, run: Run, schedule=None,
+                 kind: str = "diffusion", extra_state: dict | None = None, callbacks: Sequence[Callback] = ()):
+        cfg = settings if isinstance(settings, TrainerSettings) else TrainerSettings.from_config(settings)
+        self.settings, self.max_steps = cfg, cfg.total_steps(data.batches_per_epoch)
+        self.precision = resolve_precision(cfg.precision, run.device, model)
+        if self.precision not in PRECISIONS:
+            raise DiffuseError(f"trainer.precision must be one of {', '.join(PRECISIONS)}, auto; got {self.precision!r}")
         device, dist = run.device, run.dist
         # the training set-up, in order: weight layout → EMA copy → compile → DDP → optimizer → LR → scaler
-        self.autocast_dtype = PRECISIONS[cfg.precision]
-        if use_channels_last(tcfg.get("channels_last", "auto"), model, device, self.autocast_dtype):
+        self.autocast_dtype = PRECISIONS[self.precision]
+        if use_channels_last(cfg.channels_last, model, device, self.autocast_dtype):
             model.to(memory_format=torch.channels_last)  # before the EMA copy and the optimizer see the weights
-        self.ema = EMA(model, decay=tcfg.ema_decay, warmup=tcfg.ema_warmup)
-        self.model = compile_model(model, tcfg.compile)
-        graphs = tcfg.get("cuda_graphs", False)
+        self.ema = EMA(model, decay=cfg.ema_decay, warmup=cfg.ema_warmup)
+        self.model = compile_model(model, cfg.compile)
+        graphs = cfg.cuda_graphs
         if kind != "diffusion":  # GraphedNetwork is called as net(x, t, y); the VAE's loss calls it otherwise
             if graphs is True:
                 raise DiffuseError("trainer.cuda_graphs=true is for `diffuse train`, not `diffuse train-vae`")
@@ -236,21 +167,24 @@ class Trainer:
                 self.model, device_ids=[device.index] if device.type == "cuda" else None)
         # what the loss calls: the (compiled, DDP-wrapped) network, or its recorded CUDA graphs
         self.network = GraphedNetwork(model) if self.cuda_graphs else self.model
-        self.optimizer = build_optimizer(model, tcfg.lr, tcfg.weight_decay, tcfg.betas)
-        self.lr_scheduler = build_lr_scheduler(self.optimizer, tcfg.lr_schedule, cfg.max_steps, tcfg.lr,
-                                               tcfg.warmup_steps, tcfg.pct_start, tcfg.min_lr_ratio)
+        self.optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas)
+        self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.lr_schedule, self.max_steps, cfg.lr,
+                                               cfg.warmup_steps, cfg.pct_start, cfg.min_lr_ratio)
         # fp16 needs loss scaling on every device (its range underflows small gradients), bf16 does not
-        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
         # the configured optimizer settings, to win over the checkpoint's on resume
         self.configured_groups = [{k: g[k] for k in HYPERPARAMETERS if k in g} for g in self.optimizer.param_groups]
 
-        self.loss_fn, self.schedule, self.data, self.cfg, self.kind = loss_fn, schedule, data, cfg, kind
+        self.loss_fn, self.schedule, self.data, self.kind = loss_fn, schedule, data, kind
         self.run_dir, self.tracker, self.dist, self.device = Path(run.dir), run.tracker, dist, device
         self.seed, self.config_dict = run.seed, run.config
-        self.on_sample, self.validator, self.evaluator = on_sample, validator, evaluator
+        measuring = [c for c in callbacks if c.measures]
+        self.callbacks = [*measuring, LogMetrics(cfg.log_every), SaveCheckpoint(cfg.checkpoint_every),
+                          *(c for c in callbacks if not c.measures)]
         self.extra_state = dict(extra_state or {})
         self.step = 0
         self.skipped_steps = 0  # optimizer steps skipped for a non-finite gradient, in all
+        self.last_loss = float("nan")  # the mean loss of the last metrics line
         self.loss_generator = torch.Generator(device=device).manual_seed(run.seed * 7919 + dist.rank)
 
     @property
@@ -292,8 +226,8 @@ class Trainer:
         """Continue from a checkpoint's state (vetted by load_checkpoint); a state that does not fit this run
         (another network's weights, an optimizer of other parameters) is one line, and nothing is written."""
         step = int(state["step"])
-        if step >= self.cfg.max_steps:  # the LR schedule has no value past its length; nothing to train
-            raise DiffuseError(f"already at step {step}: trainer.max_steps={self.cfg.max_steps} leaves nothing to "
+        if step >= self.max_steps:  # the LR schedule has no value past its length; nothing to train
+            raise DiffuseError(f"already at step {step}: trainer.max_steps={self.max_steps} leaves nothing to "
                                f"train; give trainer.max_steps above {step} to continue")
         try:
             self._load_state_dict(state)
@@ -387,23 +321,24 @@ class Trainer:
                           "optimizer": moments})
         if bad:
             raise DiffuseError(f"the {' and '.join(bad)} state holds NaN/inf at step {self.step}: not written; "
-                               f"last good checkpoint kept: {self._kept()}")
+                               f"last good checkpoint kept: {self.kept()}")
         if self.dist.enabled:  # DDP keeps the replicas equal; a checkpoint is rank 0's, so make sure
             total = float(sum(p.detach().double().sum() for p in self.raw_model.parameters()))
             sums = all_gather_object(total, self.dist)
             if len(set(sums)) > 1:
                 raise DiffuseError(f"the {self.dist.world_size} ranks disagree on the weights at step {self.step} "
-                                   f"(parameter sums {sums}): not written; last good checkpoint kept: {self._kept()}")
+                                   f"(parameter sums {sums}): not written; last good checkpoint kept: {self.kept()}")
         state = self.state_dict()
         if self.dist.is_main:
             folder = self.checkpoint_path.parent
             save_checkpoint(state, folder / f"step_{self.step}.ckpt")
             save_checkpoint(state, self.checkpoint_path)
-            prune_checkpoints(folder, self.cfg.keep_checkpoints)
+            prune_checkpoints(folder, self.settings.keep_checkpoints)
         barrier(self.dist)
         return self.checkpoint_path
 
-    def _kept(self) -> str:
+    def kept(self) -> str:
+        """The last checkpoint written, for error lines."""
         return str(self.checkpoint_path) if self.checkpoint_path.exists() else "none written yet"
 
     # ----- loop --------------------------------------------------------------------------------
@@ -431,7 +366,7 @@ class Trainer:
                 self.scaler.scale(loss).backward()
             total += loss.detach()
         self.scaler.unscale_(self.optimizer)  # fp16: also records the scaler's own inf check, for update()
-        grad_norm = grad_norm_(self.raw_model.parameters(), self.cfg.grad_clip).detach()
+        grad_norm = grad_norm_(self.raw_model.parameters(), self.settings.grad_clip).detach()
         taken = torch.isfinite(grad_norm)
         optimizer_step(self.optimizer, (~taken).float())
         self.scaler.update()  # fp16: a smaller loss scale after an overflow
@@ -448,10 +383,9 @@ class Trainer:
     def fit(self) -> dict:
         """Train to max_steps, or until the time budget is spent or a signal asks to stop (then checkpoint;
         a signal ends in Interrupted after the checkpoint, the budget in a normal return)."""
-        cfg = self.cfg
         if self.dist.is_main:
             mark_run(self.run_dir, self.kind)
-        with StopRequest(self.dist, cfg.max_time_s) as stop:
+        with StopRequest(self.dist, self.settings.max_time_s) as stop:
             summary = self._loop(stop)
             reason = summary.pop("stop_code")
             if reason and reason != TIME_BUDGET:
@@ -461,83 +395,53 @@ class Trainer:
                 stop.chain(reason)  # a launcher's own handler (submitit: requeue) after our checkpoint
                 raise Interrupted(message, stop.signal_of(reason))
         if reason == TIME_BUDGET and self.dist.is_main:
-            log.info("time budget (trainer.max_time) spent at step %d of %d; %s", self.step, cfg.max_steps,
+            log.info("time budget (trainer.max_time) spent at step %d of %d; %s", self.step, self.max_steps,
                      self.resume_hint)
         return summary
 
     def _loop(self, stop: StopRequest) -> dict:
-        """The steps. The host reads device values (loss, skipped steps) only where it reports: log,
-        checkpoint, end, and every max_nonfinite_steps steps; between those it only queues work."""
-        cfg = self.cfg
-        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not self.dist.is_main, desc="train",
-                   dynamic_ncols=True)
-        nonfinite = NonFiniteSteps(self.device, cfg.max_nonfinite_steps, self.skipped_steps)
-        loss_sum, grad_sum, taken_sum = (torch.zeros((), device=self.device) for _ in range(3))
-        images, t0, last_loss, reason, val = 0, time.perf_counter(), float("nan"), 0, {}
-        while self.step < cfg.max_steps and not reason:
-            batches = [next(self.data) for _ in range(cfg.grad_accum_steps)]
+        """The steps, each followed by the callbacks due. The host reads device values (loss, skipped steps)
+        only where a callback runs and every max_nonfinite_steps steps; between those it only queues work."""
+        limit = self.settings.max_nonfinite_steps
+        self.bar = tqdm(total=self.max_steps, initial=self.step, disable=not self.dist.is_main, desc="train",
+                        dynamic_ncols=True)
+        self.meter, nonfinite = StepMeter(self.device), NonFiniteSteps(self.device, limit, self.skipped_steps)
+        measured, reason = {}, 0
+        while self.step < self.max_steps and not reason:
+            batches = [next(self.data) for _ in range(self.settings.grad_accum_steps)]
             loss, grad_norm, taken = self.train_step(batches)
             nonfinite.record(self.step, taken, loss, grad_norm)
-            loss_sum += torch.where(taken, loss, 0.0)  # a skipped step's NaN stays out of the averages
-            grad_sum += torch.where(taken, grad_norm, 0.0)
-            taken_sum += taken
-            images += sum(x0.shape[0] for x0, _ in batches) * self.dist.world_size
-            bar.update(1)
+            self.meter.add(loss, grad_norm, taken, sum(x0.shape[0] for x0, _ in batches) * self.dist.world_size)
+            self.bar.update(1)
             reason = stop.check()
-            at_end = self.step == cfg.max_steps or bool(reason)
-            logging_now = self.step % cfg.log_every == 0 or at_end
-            saving = self.step % cfg.checkpoint_every == 0 or at_end
-            if logging_now or saving or self.step % cfg.max_nonfinite_steps == 0:
+            event = StepEnd(self.step, at_end=self.step == self.max_steps or bool(reason),
+                            interrupted=bool(reason) and reason != TIME_BUDGET)
+            if self.step % limit == 0 or any(c.due(event) for c in self.callbacks):
                 self._read_skipped(nonfinite)
-            validating = (self.validator is not None and (not reason or reason == TIME_BUDGET)
-                          and ((cfg.val_every and self.step % cfg.val_every == 0) or at_end))
-            if validating:  # logged with the step's other metrics: one metrics.jsonl line per step
-                val = self.validator(self.ema.model)
-            if (self.evaluator is not None and (not reason or reason == TIME_BUDGET)
-                    and ((cfg.eval_every and self.step % cfg.eval_every == 0) or at_end)):
-                quality = self.evaluator(self.ema.model) if self.dist.is_main else {}
-                barrier(self.dist)
-                val, validating = {**(val if validating else {}), **quality}, True
-            if logging_now:
-                dt = time.perf_counter() - t0
-                taken_steps = int(taken_sum)
-                metrics = {"lr": self.optimizer.param_groups[0]["lr"], "images_per_s": images / dt,
-                           "epoch": self.data.epoch, "skipped_steps": self.skipped_steps,
-                           **(val if validating else {})}
-                if taken_steps:  # else every step since the last log was skipped: no loss to average
-                    last_loss = float(loss_sum) / taken_steps
-                    if not math.isfinite(last_loss):  # a non-finite loss whose gradient was finite
-                        raise DiffuseError(f"loss became {last_loss} by step {self.step}: training stopped; "
-                                           f"last good checkpoint kept: {self._kept()}")
-                    metrics = {"loss": last_loss, "grad_norm": float(grad_sum) / taken_steps, **metrics}
-                    bar.set_postfix(loss=f"{last_loss:.4f}")
-                self.tracker.log(metrics, self.step)
-                validating = False
-                loss_sum.zero_(), grad_sum.zero_(), taken_sum.zero_()
-                images, t0 = 0, time.perf_counter()
-            if saving:
-                self.save()
-            if reason and reason != TIME_BUDGET:
-                break  # a signal: the checkpoint is written; no validation or grid in the grace period
-            if validating:
-                self.tracker.log(val, self.step)
-            if self.on_sample is not None and (self.step % cfg.sample_every == 0 or at_end):
-                if self.dist.is_main:
-                    self.on_sample(self.step, self.ema.model, at_end)
-                barrier(self.dist)
-        bar.close()
+            for callback in self.callbacks:
+                if callback.due(event):
+                    event.metrics.update(self._run_callback(callback, event) or {})
+            measured.update(event.metrics)
+        self.bar.close()
         if self.skipped_steps and self.dist.is_main:
             log.warning("%d of %d steps were skipped for a non-finite loss or gradient", self.skipped_steps,
                         self.step)
-        return {"step": self.step, "loss": last_loss, "checkpoint": str(self.checkpoint_path),
-                "skipped_steps": self.skipped_steps, **val, "stop_code": reason}
+        return {"step": self.step, "loss": self.last_loss, "checkpoint": str(self.checkpoint_path),
+                "skipped_steps": self.skipped_steps, **measured, "stop_code": reason}
+
+    def _run_callback(self, callback: Callback, event: StepEnd) -> dict | None:
+        if not callback.main_only:
+            return callback(self, event)
+        out = callback(self, event) if self.dist.is_main else None
+        barrier(self.dist)
+        return out
 
     def _read_skipped(self, nonfinite: NonFiniteSteps) -> None:
         """Bring the device's count of skipped steps to the host; stop the run on too many in a row."""
         try:
             self.skipped_steps = nonfinite.read()
         except DiffuseError as e:
-            raise DiffuseError(f"{e}: training stopped; last good checkpoint kept: {self._kept()}") from None
+            raise DiffuseError(f"{e}: training stopped; last good checkpoint kept: {self.kept()}") from None
 
 
 def _as_tuple(value) -> tuple:

@@ -1,7 +1,7 @@
 """trainer.sample_every's callback: grids of EMA samples while training, and the denoising animation at the end.
 
 Every call writes samples/step_N.png (a row per class for conditional runs, at most `max_columns` wide),
-logs it to the tracker, and updates samples/README.md + index.html (the seed's table of grids by epoch, also
+logs it to the tracker, and updates samples/README.md + index.html (the Flowers UNet setup's table of grids by epoch, also
 a W&B table). The last call (max_steps, or a spent time budget) adds samples/animation.gif, unless
 `final_samples` is off (then the last call draws nothing) or `final_animation` is.
 """

@@ -25,7 +25,7 @@ import torch
 from diffuse.building import check_targets, upgrade_stored_config, without_locations
 from diffuse.errors import DiffuseError
 from diffuse.files import atomic_write
-from diffuse.training.checkpoint import check_weights
+from diffuse.storage.checkpoint import check_weights
 
 FORMAT = "diffuse-export"
 VERSION = 1
