@@ -458,3 +458,39 @@ class DPMSolverPP(Sampler):
                 callback(i, float(s), x, x0_hat)
         return x
 
+
+class EulerAncestral(Sampler):
+    """Euler ancestral sampling (k-diffusion's `sample_euler_ancestral`, after Karras et al. 2022 §3 in σ̃ = σ/α):
+    an Euler step of the probability-flow ODE down to σ̃_down, then fresh noise back up to σ̃_{i+1}.
+
+    With x̃ = x/α (so x̃ = x₀ + σ̃ ε and dx̃/dσ̃ = ε̂) and step σ̃_i → σ̃_{i+1}:
+        σ̃_up   = min(σ̃_{i+1}, η · √(σ̃_{i+1}² (σ̃_i² − σ̃_{i+1}²) / σ̃_i²)),   σ̃_down = √(σ̃_{i+1}² − σ̃_up²)
+        x̃'     = x̃ + (σ̃_down − σ̃_i) · ε̂(x, t_i) + s_noise · σ̃_up · z      (no noise on the last step)
+    and x_{i+1} = α_{i+1} x̃'. At η = 0 this is the deterministic Euler step, i.e. DDIM (η = 0) on the same
+    grid; η = 1 adds the most noise the step allows. One network evaluation per step.
+    """
+
+    order = 1  # at eta 0
+    config_rules = {"eta": PROBABILITY, "s_noise": POSITIVE}
+
+    def __init__(self, steps: int = 30, spacing: str = "auto", eta: float = 1.0, s_noise: float = 1.0, **kwargs):
+        super().__init__(steps, spacing, **kwargs)
+        self.eta, self.s_noise = float(eta), float(s_noise)
+
+    @property
+    def stochastic(self) -> bool:
+        return self.eta > 0
+
+    def run(self, denoiser, x, grid, noise, callback):
+        for i, t, s, a_t, s_t, a_s, s_s in _intervals(denoiser.schedule, grid):
+            sig_t, sig_s = s_t / a_t, s_s / a_s
+            up = min(sig_s, self.eta * (sig_s**2 * (sig_t**2 - sig_s**2) / sig_t**2) ** 0.5) if sig_s > 0 else 0.0
+            down = (sig_s**2 - up**2) ** 0.5
+            eps, x0_hat = self.denoise(denoiser, x, t, a_t, s_t)
+            xt = x / a_t + (down - sig_t) * eps
+            if up > 0:
+                xt = xt + self.s_noise * up * noise.randn_like(x)
+            x = a_s * xt
+            if callback is not None:
+                callback(i, float(s), x, x0_hat)
+        return x
