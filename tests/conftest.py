@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import subprocess
@@ -12,11 +13,44 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from diffuse.app import compose_config
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+CONF = REPO / "diffuse" / "conf"
+
+
+def conf_choices(group: str) -> list[str]:
+    """The choices of a config group: its conf/<group>/*.yaml, without the group's shared `_…` files. The
+    tests take every part from here, so a new sampler, model, schedule or dataset is tested without an edit."""
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml") if not p.stem.startswith("_"))
+
+
+@functools.lru_cache(maxsize=None)
+def _group_node(group: str, name: str):
+    job = "sample" if group == "sampler" else "train"
+    return OmegaConf.to_container(compose_config(job, [f"{group}={name}"])[group], resolve=False)
+
+
+def group_node(group: str, name: str, **overrides):
+    """The config node `group=name` composes to (its defaults list, _common.yaml included), with overrides."""
+    return OmegaConf.merge(_group_node(group, name), overrides)
+
+
+def load_sampler(name: str, guidance: float = 0.0, **overrides):
+    """The sampler exactly as `sampler=NAME` builds it (steps=auto made a number at this guidance scale, as the
+    jobs do)."""
+    from diffuse.building import build
+    from diffuse.jobs.sampling_setup import with_steps
+    return build(with_steps(group_node("sampler", name, **overrides), guidance), "sampler")
+
+
+def schedules() -> dict:
+    """Every conf/schedule/*.yaml, built."""
+    from diffuse.building import build
+    return {name: build(group_node("schedule", name), "schedule") for name in conf_choices("schedule")}
 
 # A run small enough for a unit test: 8×8 data, a 2-level UNet of width 8, batch 4.
 TINY = ["dataset.resolution=8", "dataset.size=64", "model.base_channels=8", "model.channel_mult=[1,2]",

@@ -3,22 +3,19 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
 from diffuse.diffusion.generation import generate
 from diffuse.diffusion.guidance import Denoiser
 from diffuse.diffusion.objectives import prediction_to_eps
 from diffuse.diffusion.samplers import NoiseSource, sample
-from diffuse.diffusion.schedules import CosineSchedule, LinearSchedule, VESDESchedule
-from diffuse.jobs.sampling_setup import with_steps
+from diffuse.diffusion.schedules import LinearSchedule
 
-CONF = Path(__file__).resolve().parents[1] / "diffuse" / "conf" / "sampler"
-SAMPLERS = ["ddpm", "ddpm_clip", "ddim", "euler_maruyama", "pc", "heun", "dpm_solver"]
+from conftest import conf_choices, load_sampler, schedules
+
+SAMPLERS = conf_choices("sampler")  # every conf/sampler/*.yaml
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -118,13 +115,7 @@ def _own_mode_fraction(x, y):
     return (x * sign > 0).float().mean().item()
 
 
-def load_sampler(name, guidance=0.0, **overrides):
-    cfg = OmegaConf.load(CONF / f"{name}.yaml")
-    cfg.update(overrides)
-    return instantiate(with_steps(cfg, guidance))  # steps=auto made a number, as the jobs do
-
-
-SCHEDULES = {"linear": LinearSchedule(), "cosine": CosineSchedule(), "vesde": VESDESchedule()}
+SCHEDULES = schedules()  # every conf/schedule/*.yaml
 
 
 @pytest.mark.parametrize("name", SAMPLERS)
@@ -134,7 +125,7 @@ def test_guidance_raises_the_fraction_in_the_asked_mode(sched_name, name):
     sched = SCHEDULES[sched_name]
     model = ExactMixtureModel(sched)
     y = torch.tensor([0, 1] * 4)
-    fewer = {"steps": 200} if name in ("ddpm", "ddpm_clip", "pc", "euler_maruyama") else {}  # keep the test fast
+    fewer = {"steps": 200} if load_sampler(name).steps > 200 else {}  # keep the test fast
     fractions = {}
     for w in (0.0, 3.0):
         sampler = load_sampler(name, w, **fewer)
@@ -147,7 +138,7 @@ def test_guidance_raises_the_fraction_in_the_asked_mode(sched_name, name):
 
 def test_guidance_through_generate_on_every_schedule():
     """generate() (what `diffuse sample` runs) wires labels, null class and guidance scale through."""
-    for sched in (LinearSchedule(), CosineSchedule(), VESDESchedule()):
+    for sched in SCHEDULES.values():
         model = ExactMixtureModel(sched)
         sampler = load_sampler("dpm_solver")
         labels = torch.tensor([1, 0, 1, 0])

@@ -11,23 +11,22 @@ method's order as steps double.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
-from diffuse.diffusion.samplers import (DDIM, DDPM, DPMSolverPP, EulerMaruyama, Heun, NoiseSource,
+from diffuse.diffusion.samplers import (DDIM, DDPM, DPMSolverPP, EulerAncestral, EulerMaruyama, Heun, NoiseSource,
                                         PredictorCorrector, sample)
-from diffuse.diffusion.schedules import CosineSchedule, LinearSchedule, VESDESchedule
-from diffuse.jobs.sampling_setup import with_steps
+from diffuse.diffusion.schedules import LinearSchedule, VESDESchedule
 
-CONF = Path(__file__).resolve().parents[1] / "diffuse" / "conf" / "sampler"
-SCHEDULES = {"linear": LinearSchedule(), "cosine": CosineSchedule(), "vesde": VESDESchedule()}
-SAMPLERS = ["ddpm", "ddpm_clip", "ddim", "euler_maruyama", "pc", "heun", "dpm_solver"]
-DETERMINISTIC = ["ddim", "heun", "dpm_solver"]
+from conftest import conf_choices, load_sampler, schedules
+
+# Every conf/sampler/*.yaml on every conf/schedule/*.yaml: a new sampler or schedule is tested with no edit here.
+SCHEDULES = schedules()
+SAMPLERS = conf_choices("sampler")
+# Deterministic at their YAML's settings, with a declared convergence order: the order test runs on these.
+ORDERED = [name for name in SAMPLERS if not load_sampler(name).stochastic and load_sampler(name).order]
 f64 = torch.float64
 
 
@@ -38,15 +37,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def load_sampler(name: str, guidance: float = 0.0, **overrides):
-    """The sampler exactly as `sampler=NAME` builds it from conf/sampler/NAME.yaml (steps=auto as the jobs make
-    it a number, at this guidance scale)."""
-    cfg = OmegaConf.load(CONF / f"{name}.yaml")
-    for key, value in overrides.items():
-        cfg[key] = value
-    return instantiate(with_steps(cfg, guidance))
 
 
 def _coefs(schedule, t):
@@ -280,7 +270,7 @@ def gaussian_eps(x: Affine, a, sg, mu=MU, s=S) -> Affine:
     return (x - a * mu) * (sg / (a * a * s * s + sg * sg))
 
 
-def recurrence(name, schedule, grid) -> Affine:
+def recurrence(sampler, schedule, grid) -> Affine | None:
     """The method's own update (as in its paper) carried through the Gaussian, as a scalar affine map.
 
     Written from the papers, independently of samplers.py: DDIM eq. 12 (η = 0); DPM-Solver++ Algorithm 2
@@ -288,11 +278,11 @@ def recurrence(name, schedule, grid) -> Affine:
     """
     ab = [_coefs(schedule, t) for t in grid]
     x = Affine(1.0)
-    if name == "ddim":
+    if isinstance(sampler, (DDIM, EulerAncestral)):  # Euler ancestral at η = 0 is DDIM's step
         for (a, sg), (a2, sg2) in zip(ab[:-1], ab[1:]):
             x0 = (x - sg * gaussian_eps(x, a, sg)) / a
             x = a2 * x0 + sg2 * gaussian_eps(x, a, sg)
-    elif name == "dpm_solver":
+    elif isinstance(sampler, DPMSolverPP):
         prev = None
         for (a, sg), (a2, sg2) in zip(ab[:-1], ab[1:]):
             x0 = (x - sg * gaussian_eps(x, a, sg)) / a
@@ -303,7 +293,7 @@ def recurrence(name, schedule, grid) -> Affine:
             d = x0 if prev is None else (1 + h / (2 * h_prev)) * x0 - (h / (2 * h_prev)) * prev  # 1/(2r), r = h_{i−1}/h_i
             x = (sg2 / sg) * x - a2 * (math.exp(-h) - 1) * d
             prev, h_prev = x0, h
-    elif name == "heun":
+    elif isinstance(sampler, Heun):
         sig = [sg / a for a, sg in ab]
         xt = x / ab[0][0]
 
@@ -317,6 +307,8 @@ def recurrence(name, schedule, grid) -> Affine:
                 nxt = xt + (sig[i + 1] - sig[i]) * (d + d_of(nxt, i + 1)) * 0.5
             xt = nxt
         x = xt * ab[-1][0]
+    else:
+        return None
     return x
 
 
@@ -325,23 +317,26 @@ def recurrence(name, schedule, grid) -> Affine:
 def test_gaussian_data(sched_name, name):
     sched = SCHEDULES[sched_name]
     sampler = load_sampler(name)
+    if sampler.stochastic:  # at the step counts they are meant for: their YAML's, at least 500
+        sampler = load_sampler(name, steps=max(sampler.steps, 500))
     den = GaussianDenoiser(sched, MU, S)
     noise = NoiseSource(range(N_SEEDS))
     out, _ = sample(den, sampler, noise, SHAPE)
     x_T = NoiseSource(range(N_SEEDS)).randn(SHAPE) * sched.prior_std
     mean, std = out.mean().item(), out.std().item()
-    if name in DETERMINISTIC:
+    if not sampler.stochastic:
         # sample by sample, what the method's update gives (tight: only fp32 rounding separates them)
-        rec = recurrence(name, sched, sampler.grid(sched))
+        rec = recurrence(sampler, sched, sampler.grid(sched))
+        assert rec is not None, f"{name}: write the paper's update for it in recurrence()"
         expected = rec.k * x_T.double() + rec.m
         assert torch.allclose(out.double(), expected, atol=2e-5), f"max diff {(out - expected).abs().max():.2e}"
         assert std == pytest.approx(abs(rec.k) * x_T.std().item(), rel=1e-4)
         # …and how close that is to s at the default steps (the closed-form values: DDIM-50 on linear 0.90 s)
-        band = {"ddim": 0.12, "heun": 0.08, "dpm_solver": 0.04}[name]
+        band = {DDIM: 0.12, Heun: 0.08, DPMSolverPP: 0.04}.get(type(sampler), 0.12)
         assert abs(std / S - 1) < band, std
         assert mean == pytest.approx(MU, abs=0.02 if sched_name == "vesde" else 0.005)  # VE: prior ignores μ
     else:
-        # stochastic samplers at 1000 (ddpm) / 500 steps: the data distribution within a few percent
+        # stochastic samplers at ≥ 500 steps (ddpm: 1000): the data distribution within a few percent
         assert mean == pytest.approx(MU, abs=0.01)
         assert std == pytest.approx(S, rel=0.03)
     assert den.nfe == nfe_of(sampler, sched)
@@ -374,10 +369,9 @@ def test_gaussian_mixture_mode_fractions(sched_name, name):
 
 
 # ----- convergence order ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name,spacing,order", [("ddim", "logsnr", 1), ("ddim", "auto", 1),
-                                                ("dpm_solver", None, 2), ("heun", None, 2)])
+@pytest.mark.parametrize("name,spacing", [(name, None) for name in ORDERED] + [("ddim", "logsnr")])
 @pytest.mark.parametrize("sched_name", SCHEDULES)
-def test_convergence_order(sched_name, name, spacing, order):
+def test_convergence_order(sched_name, name, spacing):
     """The error against the exact flow falls as steps^−order as steps double (20 → 40 → 80 → 160).
 
     Reference: the exact probability-flow map, which scales x − αμ by √(v(t')/v(t_max)), v = α²s² + σ².
@@ -391,6 +385,7 @@ def test_convergence_order(sched_name, name, spacing, order):
     for steps in (20, 40, 80, 160):
         overrides = {"steps": steps} if spacing is None else {"steps": steps, "spacing": spacing}
         sampler = load_sampler(name, **overrides)
+        order = sampler.order  # as the class declares it
         grid = sampler.grid(sched)
         out = sampler.run(GaussianDenoiser(sched, 0.0, s), torch.ones(1, 1, 1, dtype=f64), grid, None, None)
         (a0, s0), (a1, s1) = _coefs(sched, grid[0]), _coefs(sched, grid[-2])
@@ -490,7 +485,7 @@ def test_clip_x0_runs_the_sampler_on_the_clamped_denoiser(name):
     b = plain(ClampedDenoiser(den), NoiseSource(range(3)).randn((1, 32)), NoiseSource(range(3, 6)))
     assert torch.allclose(a, b, atol=1e-5)
     assert all(x0.abs().max() <= 1 for x0 in x0s)
-    if name in ("ddpm", "ddim", "dpm_solver", "heun"):  # their last step returns x̂₀ itself
+    if isinstance(clipped, (DDPM, DDIM, DPMSolverPP, Heun, EulerAncestral)):  # their last step returns x̂₀ itself
         assert a.abs().max() <= 1 + 1e-6
 
 
@@ -532,3 +527,26 @@ def test_dynamic_threshold_keeps_samples_in_range():
     assert out.abs().max() <= 1 + 1e-5
     with pytest.raises(ValueError, match="dynamic_threshold"):
         DDIM(dynamic_threshold=1.5)
+
+
+def test_euler_ancestral_is_ddim_at_eta_0_and_adds_the_ancestral_noise():
+    """k-diffusion's get_ancestral_step in σ̃ = σ/α: at η = 0 the step is the Euler step of the probability-flow
+    ODE, which is DDIM's (η = 0) on the same grid; at η = 1 one step from σ̃_i to σ̃_{i+1} adds noise of std
+    α_{i+1}·σ̃_up, σ̃_up = σ̃_{i+1}·√(1 − σ̃_{i+1}²/σ̃_i²)."""
+    for sched in SCHEDULES.values():
+        den = GaussianDenoiser(sched, MU, S)
+        x = NoiseSource(range(4)).randn((1, 64)) * sched.prior_std
+        ea, ddim = EulerAncestral(20, "logsnr", eta=0.0), DDIM(20, "logsnr")
+        assert not ea.stochastic and ea.order == 1
+        torch.testing.assert_close(ea(den, x.clone()), ddim(den, x.clone()), rtol=1e-4, atol=1e-4)
+    sched = LinearSchedule()
+    den = GaussianDenoiser(sched, MU, S)
+    grid = torch.tensor([0.6, 0.3], dtype=f64)  # one step, not to t = 0
+    x = torch.zeros(1, 1, 20000)
+    one = EulerAncestral(1, eta=1.0).run(den, x, grid, NoiseSource(range(1)), None)
+    (a_t, s_t), (a_s, s_s) = _coefs(sched, grid[0]), _coefs(sched, grid[1])
+    sig_t, sig_s = s_t / a_t, s_s / a_s
+    up = sig_s * math.sqrt(1 - sig_s**2 / sig_t**2)
+    down = math.sqrt(sig_s**2 - up**2)
+    mean = a_s * (x / a_t + (down - sig_t) * den.eps(x, grid[0]))
+    assert (one - mean).std().item() == pytest.approx(a_s * up, rel=0.02)

@@ -88,6 +88,7 @@ class TimeAndClassConditioned:
     time_embed: nn.Module
     class_embed: ClassEmbedding | None
     supported_dims: tuple[int, ...] = (1, 2, 3)  # spatial dims the network takes (the model contract tests each)
+    zero_init_output: bool = True  # the output head starts at zero, so a fresh network predicts 0
     config_rules = {"dim": Choice(1, 2, 3), "in_channels": Int(1), "out_channels": Int(1, nullable=True),
                     "num_classes": Int(0)}
 

@@ -94,6 +94,7 @@ class SpatialTransformerUNet(TimeAndClassConditioned, nn.Module):
     num_classes = 0: no cross-attention, an unconditional score UNet.
     """
 
+    zero_init_output = False  # the tutorial's final conv, initialised as published
     config_rules = {"channels": Ints(1), "embed_dim": Int(2), "context_dim": Int(1), "heads": Int(1),
                     "attn_levels": Ints(0), "fourier_scale": POSITIVE}
 

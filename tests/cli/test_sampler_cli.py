@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import run_cli
+from conftest import conf_choices, run_cli
 
 pytestmark = pytest.mark.slow  # `diffuse train` and `sample` with every sampler, in subprocesses
 
-SAMPLERS = ["ddpm", "ddpm_clip", "ddim", "euler_maruyama", "pc", "heun", "dpm_solver"]
+SAMPLERS = conf_choices("sampler")  # every conf/sampler/*.yaml
 TINY_TRAIN = ["trainer.max_steps=4", "trainer.batch_size=8", "dataset.resolution=8", "dataset.size=64",
               "model.base_channels=8", "model.channel_mult=[1,2]", "trainer.sample_every=0", "logger=none",
               "device=cpu"]
