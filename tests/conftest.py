@@ -72,6 +72,16 @@ SPATIAL_TRANSFORMER = ["model=spatial_transformer", "dim=2", "dataset.resolution
                        "model.embed_dim=16", "model.context_dim=16"]
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for small tensors: thread hand-offs would cost more than the arithmetic on a shared
+    machine. Use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def requires_cuda(test):
     """Marks a test `cuda` (`pytest -m cuda` runs just these) and skips it where no CUDA device is present
     (CI has none): the GPU twin of a CPU test, kept in the same file."""

@@ -14,6 +14,8 @@ from diffuse.validation import check_model_fits_data
 
 from conftest import compose_cfg, conf_choices
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest's
+
 CASES = [(name, dim) for name in conf_choices("model")
          for dim in part_class(compose_cfg("train", [f"model={name}"]).model._target_).supported_dims]
 
@@ -31,14 +33,6 @@ def _built(name: str, dim: int, conditional: bool = True):
         except DiffuseError:
             continue
     raise AssertionError(f"model={name} dim={dim} accepts none of the resolutions 8, 16, 32, 64")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("name,dim", CASES, ids=[f"{n}-{d}d" for n, d in CASES])
