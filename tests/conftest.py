@@ -52,24 +52,51 @@ def schedules() -> dict:
     from diffuse.building import build
     return {name: build(group_node("schedule", name), "schedule") for name in conf_choices("schedule")}
 
+def model_dims(name: str) -> tuple[int, ...]:
+    """The spatial dims the class behind conf/model/NAME.yaml supports (its `supported_dims`)."""
+    from diffuse.building import part_class
+    return tuple(part_class(_group_node("model", name)["_target_"]).supported_dims)
+
+
+# every conf/model/*.yaml × every dim its class supports: the model tests run on these, at the YAML's defaults
+MODEL_CASES = [(name, dim) for name in conf_choices("model") for dim in model_dims(name)]
+MODEL_IDS = [f"{name}-{dim}d" for name, dim in MODEL_CASES]
+
+
+@functools.lru_cache(maxsize=None)
+def smallest_resolution(overrides: tuple[str, ...]) -> int:
+    """The smallest data resolution in 8, 16, 32, 64 that the train config's model accepts (halves at every
+    level, fits its attention windows), as `diffuse train` checks it before step 1."""
+    from diffuse.building import build
+    from diffuse.errors import DiffuseError
+    from diffuse.validation import check_model_fits_data
+    for resolution in (8, 16, 32, 64):
+        cfg = compose_config("train", [*overrides, f"dataset.resolution={resolution}"])
+        model = build(cfg.model, "model")
+        try:
+            check_model_fits_data(model, (int(cfg.dataset.channels), *[resolution] * int(cfg.dim)),
+                                  int(model.num_classes or 0), "test")
+            return resolution
+        except DiffuseError:
+            continue
+    raise AssertionError(f"{' '.join(overrides)}: the model accepts none of the resolutions 8, 16, 32, 64")
+
+
+def model_overrides(name: str, dim: int) -> list[str]:
+    """`model=NAME dim=DIM` at the YAML's sizes, on the smallest resolution the model accepts."""
+    args = (f"model={name}", f"dim={dim}")
+    return [*args, f"dataset.resolution={smallest_resolution(args)}"]
+
+
 # A run small enough for a unit test: 8×8 data, a 2-level UNet of width 8, batch 4.
 TINY = ["dataset.resolution=8", "dataset.size=64", "model.base_channels=8", "model.channel_mult=[1,2]",
         "model.time_emb_dim=8", "trainer.batch_size=4", "trainer.sample_every=0", "trainer.log_every=1",
         "logger=none", "device=cpu"]
 CUDA_TINY = [o for o in TINY if not o.startswith("device=")] + ["device=cuda"]  # the same run on the GPU
 
-# Each model family at a tiny size, as command-line overrides: 2 steps of batch 2 on 16 items (TWO_TINY_STEPS),
-# MSNAT in any dim (a 2-level model of width 8 for every dim: the model takes levels.dim{dim}), ShuffleNet and
-# the spatial transformer in 2-D.
+# 2 steps of batch 2 on 16 items, as command-line overrides (with model_overrides(name, dim) for any model)
 TWO_TINY_STEPS = ["trainer.max_steps=2", "trainer.batch_size=2", "dataset.size=16", "trainer.sample_every=0",
                   "trainer.log_every=1", "logger=none", "device=cpu"]
-MSNAT_TINY_LEVELS = "[{mult: 1, heads: 2, kernel: 3, dilations: [1, 2]}, {mult: 2, heads: 2, kernel: 3}]"
-MSNAT = ["model=msnat", "dataset.resolution=8", "model.base_channels=8", "model.time_emb_dim=8",
-         *[f"model.levels.dim{d}={MSNAT_TINY_LEVELS}" for d in (1, 2, 3)]]
-SHUFFLENET = ["model=shufflenet", "dim=2", "dataset.resolution=28", "model.base_channels=8", "model.units=1",
-              "model.time_emb_dim=16"]
-SPATIAL_TRANSFORMER = ["model=spatial_transformer", "dim=2", "dataset.resolution=32", "model.channels=[8,16,16,32]",
-                       "model.embed_dim=16", "model.context_dim=16"]
 
 
 @pytest.fixture

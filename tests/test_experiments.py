@@ -1,6 +1,6 @@
 """Every file in conf/experiment/, found by globbing the folder: it composes, every interpolation resolves, its
-values pass validation, and `diffuse train experiment=NAME` trains 2 steps at tiny sizes and writes a checkpoint;
-the published setups hold their seeds' values (model, data, schedule, sampler, optimizer, length)."""
+values pass validation, and `diffuse train experiment=NAME` trains 2 steps on small data and writes a checkpoint;
+the published setups hold the values their documents give (model, data, schedule, sampler, optimizer, length)."""
 
 from __future__ import annotations
 
@@ -14,24 +14,13 @@ from diffuse.app import CONF_DIR
 from diffuse.storage.checkpoint import load_checkpoint
 from diffuse.validation import validate
 
-from conftest import MSNAT, SHUFFLENET, SPATIAL_TRANSFORMER, TINY, compose_cfg, write_tiny_flowers
+from conftest import compose_cfg, smallest_resolution, write_tiny_flowers
 from inproc_cli import run_inproc
 
 EXPERIMENTS = [path.stem for path in sorted((Path(CONF_DIR) / "experiment").glob("*.yaml"))]
 
 
-# -- every experiment trains --------------------------------------------------------------------------------
-def _model_args(args: list[str]) -> list[str]:
-    return [a for a in args if a.startswith("model.")]
-
-
-# per model family: the tiny width (conftest's) and a data resolution that model can halve at every level
-TINY_MODELS = {
-    "diffuse.models.unet.UNet": (_model_args(TINY), 8),
-    "diffuse.models.msnat.MSNATUNet": (_model_args(MSNAT), 8),
-    "diffuse.models.shufflenet.ShuffleNetUNet": (_model_args(SHUFFLENET), 28),
-    "diffuse.models.spatial_transformer.SpatialTransformerUNet": (_model_args(SPATIAL_TRANSFORMER), 28),
-}
+# -- every experiment trains, at its own model sizes on the smallest resolution that model accepts -----------
 TWO_STEPS = ["trainer.max_steps=2", "trainer.epochs=null", "trainer.batch_size=2", "trainer.log_every=1",
              "trainer.sample_every=0", "trainer.final_samples=false", "trainer.val_items=0", "trainer.eval_every=0",
              "logger=none", "device=cpu"]
@@ -60,8 +49,8 @@ def test_every_experiment_trains(name, request, tmp_path):
     cfg = compose_cfg("train", [f"experiment={name}"])
     OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
     validate(cfg, "train")  # the experiment's own values, before the tiny overrides below
-    model_args, resolution = TINY_MODELS.get(cfg.model._target_, ([], cfg.dataset.resolution))
-    args = [f"experiment={name}", *model_args, f"dataset.resolution={resolution}",
+    resolution = smallest_resolution((f"experiment={name}",))
+    args = [f"experiment={name}", f"dataset.resolution={resolution}",
             *_data_args(cfg.dataset._target_, request, tmp_path), *TWO_STEPS]
     res = run_inproc(["train", *args], tmp_path)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -70,7 +59,7 @@ def test_every_experiment_trains(name, request, tmp_path):
 
 
 # -- the published setups -------------------------------------------------------------------------------------
-SEED_VALUES = {  # the published setups each experiment reproduces
+PUBLISHED_VALUES = {  # the published setups each experiment reproduces
     "mnist_shufflenet": {"model._target_": "diffuse.models.shufflenet.ShuffleNetUNet", "dataset._target_":
                          "diffuse.data.vision.MNISTDataset", "schedule.num_timesteps": 1000, "sampler.clip_x0": True,
                          "trainer.lr_schedule": "onecycle", "trainer.epochs": 30, "conditional": False,
@@ -92,16 +81,16 @@ SEED_VALUES = {  # the published setups each experiment reproduces
 }
 
 
-@pytest.mark.parametrize("name", sorted(SEED_VALUES))
-def test_experiment_composes_with_the_seed_values(name):
+@pytest.mark.parametrize("name", sorted(PUBLISHED_VALUES))
+def test_experiment_composes_with_the_published_values(name):
     cfg = compose_cfg("train", [f"experiment={name}"])
     OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
     assert cfg.dim == 2 and cfg.dataset.dim == 2
-    for key, value in SEED_VALUES[name].items():
+    for key, value in PUBLISHED_VALUES[name].items():
         assert OmegaConf.select(cfg, key) == value, key
 
 
-def test_flowers_experiment_is_the_seed(tmp_path):
+def test_flowers_experiment_is_the_flowers_setup(tmp_path):
     cfg = compose_cfg("train", ["experiment=flowers_unet"])
     assert (cfg.dataset.resolution, cfg.dataset.split, cfg.trainer.batch_size, cfg.trainer.epochs) == \
         (64, "train", 64, 300)
@@ -110,7 +99,7 @@ def test_flowers_experiment_is_the_seed(tmp_path):
         (1000, 1000, 1e-4, "constant")
     assert cfg.conditional is False and cfg.trainer.num_sample_images == 16
     steps_per_epoch = 1020 // cfg.trainer.batch_size  # Flowers102's train split holds 1020 images
-    assert cfg.trainer.sample_every == 30 * steps_per_epoch  # the seed's table: a grid every 30 epochs
+    assert cfg.trainer.sample_every == 30 * steps_per_epoch  # the Flowers setup's table: a grid every 30 epochs
 
 
 @pytest.mark.parametrize("name", [n for n in EXPERIMENTS if n.startswith("msnat_")])
@@ -134,7 +123,7 @@ def test_defaults_are_sized_per_dim(overrides, expected):
     assert (cfg.dataset.resolution, cfg.model.base_channels, cfg.trainer.batch_size, cfg.trainer.max_steps) == expected
 
 
-def test_msnat_3d_default_has_no_attention_at_the_finest_level_but_the_seed_does():
+def test_msnat_3d_default_has_no_attention_at_the_finest_level_but_the_published_setup_does():
     """The CPU-sized 3-D default skips the 16³ transformer block (README, 3-D on a CPU); experiment=msnat_3d and
     the 1-D/2-D defaults keep one at every level; the built model follows the config."""
     from hydra.utils import instantiate

@@ -18,12 +18,7 @@ from conftest import conf_choices, load_sampler, schedules
 SAMPLERS = conf_choices("sampler")  # every conf/sampler/*.yaml
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest's
 
 
 class RecordingNet(torch.nn.Module):

@@ -18,7 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from diffuse.jobs import train as train_job
 from diffuse.training.loop import Trainer
 
-from conftest import (CUDA_TINY, MSNAT, SHARED_DATA, SHUFFLENET, SPATIAL_TRANSFORMER, TINY, compose_cfg,
+from conftest import (CUDA_TINY, MODEL_CASES, MODEL_IDS, SHARED_DATA, TINY, compose_cfg, model_overrides,
                       requires_cuda)
 
 HOST_READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
@@ -103,12 +103,12 @@ def test_no_training_step_reads_a_device_value_on_the_host(tmp_path, monkeypatch
     _check(_reads_per_step(monkeypatch, tmp_path, [*tiny, *REPORTING], cuda=False))
 
 
-@pytest.mark.parametrize("family", ["msnat", "shufflenet", "spatial_transformer"])
-def test_no_model_family_reads_a_device_value_in_its_training_step(tmp_path, monkeypatch, family):
-    """The other networks (the UNet is above): MSNAT's neighborhood attention, ShuffleNet, the transformer."""
-    model = {"msnat": MSNAT, "shufflenet": SHUFFLENET, "spatial_transformer": SPATIAL_TRANSFORMER}[family]
+@pytest.mark.parametrize("name,dim", MODEL_CASES, ids=MODEL_IDS)
+def test_no_model_reads_a_device_value_in_its_training_step(tmp_path, monkeypatch, name, dim):
+    """Every conf/model/*.yaml in each dim it supports, at its YAML's sizes (MSNAT's neighborhood attention,
+    ShuffleNet, the transformer, the UNet)."""
     tiny = [o for o in TINY if not o.startswith(("dataset.resolution", "model."))]
-    _check(_reads_per_step(monkeypatch, tmp_path, [*tiny, *model, *REPORTING], cuda=False))
+    _check(_reads_per_step(monkeypatch, tmp_path, [*tiny, *model_overrides(name, dim), *REPORTING], cuda=False))
 
 
 @requires_cuda

@@ -131,7 +131,7 @@ def test_1d_plot_lines_and_frame():
         assert all(tuple(tile[r, col]) == blue for r in range(math.ceil(top), math.floor(bottom) + 1))
 
 
-# -- the conditional seed's two figures --------------------------------------------------------------------
+# -- the conditional setup's two figures --------------------------------------------------------------------
 def test_class_grid_rows_per_class(tmp_path):
     values = [-0.8, -0.4, 0.0, 0.4, 0.8]
     x = torch.tensor(values).view(5, 1, 1, 1).expand(5, 1, 16, 16).clone()
@@ -175,7 +175,7 @@ def test_step_strip(tmp_path, dim):
     assert labelled.shape[0] > one_row.shape[0]  # a row of t=… labels on top
     if labelled.shape[1] == one_row.shape[1]:
         assert np.array_equal(labelled[-one_row.shape[0]:], one_row)
-    # the seed's variant: one sampler run per step count, labelled with the counts
+    # the conditional setup's variant: one sampler run per step count, labelled with the counts
     runs = [states[k] for k in picked]
     named = iio.imread(media.save_step_strip(runs, ["10 steps", "50", "250", "1000 steps"], tmp_path / "d.png"))
     assert named.shape[0] > one_row.shape[0] and named.shape[1] >= one_row.shape[1]

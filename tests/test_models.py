@@ -1,6 +1,6 @@
-"""The model families (msnat, shufflenet, spatial_transformer) × the dims each supports: shapes, gradients to
-every parameter, conditioning, a few training steps (and, on a GPU, a bf16 step of each family and the UNet
-against fp32); then what is particular to each."""
+"""What is particular to each network (MSNAT's levels, windows and backends, ShuffleNet's units, the spatial
+transformer's sizes), and on a GPU a bf16 step of every conf/model/*.yaml against fp32. The contract every
+network keeps (shapes, gradients, conditioning, fitting a batch) is test_contract_models."""
 
 from __future__ import annotations
 
@@ -13,8 +13,7 @@ from diffuse.models.msnat import MSNATUNet, NATBlock, levels_for_dim
 from diffuse.models.shufflenet import ShuffleNetUNet, ShuffleUnit, channel_shuffle
 from diffuse.models.spatial_transformer import SpatialTransformerUNet
 
-from conftest import (CUDA_TINY, MSNAT, SHUFFLENET, SPATIAL_TRANSFORMER, TWO_TINY_STEPS, compose_cfg, rel_err,
-                      requires_cuda)
+from conftest import MODEL_CASES, MODEL_IDS, TWO_TINY_STEPS, compose_cfg, model_overrides, rel_err, requires_cuda
 
 NUM_CLASSES = 3
 TINY_LEVELS = [dict(mult=1, depth=1, heads=2, kernel=3, dilations=[1, 2]), dict(mult=2, depth=1, heads=2, kernel=3)]
@@ -35,27 +34,7 @@ def spatial_transformer(dim, num_classes=NUM_CLASSES, **kw):
                                   heads=2, num_classes=num_classes, **kw)
 
 
-# (factory, dim, spatial size): every dim each model supports, at a small size it accepts
-CASES = [(msnat, 1, 16), (msnat, 2, 8), (msnat, 3, 8), (shufflenet, 2, 12),
-         (spatial_transformer, 1, 20), (spatial_transformer, 2, 18), (spatial_transformer, 3, 17)]
-IDS = [f"{f.__name__}-{d}d" for f, d, _ in CASES]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The machine is shared: one intra-op thread keeps these small models fast and steady."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def batch(dim, size, n=4, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 2, *([size] * dim), generator=g)
-    t = torch.rand(n, generator=g)
-    y = torch.randint(0, NUM_CLASSES, (n,), generator=g)
-    return x, t, y
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest's
 
 
 def one_step(model, x, t, y):
@@ -67,80 +46,13 @@ def one_step(model, x, t, y):
     opt.zero_grad()
 
 
-@pytest.mark.parametrize("factory,dim,size", CASES, ids=IDS)
-def test_output_has_the_input_shape(factory, dim, size):
-    torch.manual_seed(0)
-    model = factory(dim)
-    x, t, y = batch(dim, size)
-    assert model(x, t, y).shape == x.shape
-    assert model(x, t, None).shape == x.shape  # y = None: the null class
-    assert model.num_classes == NUM_CLASSES and model.null_class == NUM_CLASSES
-    unconditional = factory(dim, num_classes=0)
-    assert unconditional.null_class is None and unconditional(x, t).shape == x.shape
-
-
-@pytest.mark.parametrize("factory,dim,size", CASES, ids=IDS)
-def test_gradients_reach_every_parameter(factory, dim, size):
-    torch.manual_seed(0)
-    model = factory(dim)
-    x, t, y = batch(dim, size)
-    one_step(model, x, t, y)  # zero-initialised heads pass no gradient back until they have moved once
-    model(x, t, y).square().mean().backward()
-    for name, p in model.named_parameters():
-        if "cross_attn.to_q" in name:
-            # Cross-attention on the class embedding, one context token (as in the seed): the softmax over
-            # one key is 1 whatever the query, so the query projection cannot get a gradient.
-            continue
-        assert p.grad is not None, f"{name}: no gradient"
-        assert p.grad.abs().sum() > 0, f"{name}: gradient all zero"
-
-
-@pytest.mark.parametrize("factory,dim,size", CASES, ids=IDS)
-def test_conditioning_changes_the_output(factory, dim, size):
-    torch.manual_seed(0)
-    model = factory(dim)
-    x, t, y = batch(dim, size)
-    one_step(model, x, t, y)
-    model.eval()
-    with torch.no_grad():
-        outs = [model(x, t, torch.full((len(x),), c)) for c in range(NUM_CLASSES)] + [model(x, t, None)]
-        later = model(x, (t + 0.3) % 1, y)
-    for i in range(len(outs)):
-        for j in range(i + 1, len(outs)):
-            assert (outs[i] - outs[j]).abs().max() > 1e-6, (i, j)
-    assert (later - model(x, t, y)).abs().max() > 1e-6  # time matters too
-    torch.testing.assert_close(model(x, t, None), model(x, t, torch.full((len(x),), model.null_class)))
-
-
-@pytest.mark.parametrize("factory,dim,size", CASES, ids=IDS)
-def test_a_few_steps_lower_the_loss_on_a_fixed_batch(factory, dim, size):
-    torch.manual_seed(0)
-    model = factory(dim)
-    x0, t, y = batch(dim, size)
-    x0 = x0.clamp(-1, 1)
-    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(2))
-    alpha, sigma = [f(t * torch.pi / 2).view(-1, *([1] * (dim + 1))) for f in (torch.cos, torch.sin)]
-    x_t = alpha * x0 + sigma * eps  # predict ε from x_t, as training does
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    losses = []
-    for _ in range(20):
-        loss = torch.nn.functional.mse_loss(model(x_t, t, y), eps)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    assert losses[-1] < 0.7 * losses[0], losses
-
-
-# every family from its config: one bf16 training step on a GPU agrees with fp32
+# every conf/model/*.yaml in each dim: one bf16 training step on a GPU agrees with fp32
 @requires_cuda
-@pytest.mark.parametrize("model_args", [CUDA_TINY, [*MSNAT, "dim=2"], [*MSNAT, "dim=3"], SHUFFLENET,
-                                        SPATIAL_TRANSFORMER], ids=["unet", "msnat2d", "msnat3d", "shufflenet",
-                                                                   "spatial_transformer"])
-def test_bf16_training_step_on_cuda_agrees_with_fp32(model_args):
+@pytest.mark.parametrize("name,dim", MODEL_CASES, ids=MODEL_IDS)
+def test_bf16_training_step_on_cuda_agrees_with_fp32(name, dim):
     from diffuse.jobs.common import build, build_dataset
 
-    cfg = compose_cfg("train", [o for o in TWO_TINY_STEPS if not o.startswith("device=")] + model_args)
+    cfg = compose_cfg("train", [o for o in TWO_TINY_STEPS if not o.startswith("device=")] + model_overrides(name, dim))
     dataset = build_dataset(cfg)
     model = build(cfg.model, "model").to("cuda")
     for p in model.parameters():  # the zero-initialised output heads would hide every other layer's gradient
@@ -244,7 +156,7 @@ def test_shuffle_unit_passes_half_the_channels_through():
 def test_shufflenet_is_2d_and_small():
     with pytest.raises(ValueError, match="2-D only"):
         ShuffleNetUNet(dim=3)
-    model = ShuffleNetUNet()  # the seed's sizes: 28 → 14 → 7
+    model = ShuffleNetUNet()  # the MNIST setup's sizes: 28 → 14 → 7
     assert sum(p.numel() for p in model.parameters()) < 3_000_000
     x = torch.randn(2, 1, 28, 28)
     sizes = []

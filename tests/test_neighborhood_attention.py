@@ -21,13 +21,7 @@ from diffuse.models.attention import (NeighborhoodAttention, dense_is_cheaper, f
 from conftest import rel_err, requires_cuda
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The machine is shared: one intra-op thread keeps these small cases fast and steady."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest's
 
 
 # ----- the reference: NATTEN's window rule, written out twice, independently of the implementation -----

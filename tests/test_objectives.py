@@ -1,4 +1,4 @@
-"""Prediction types, their conversions, min-SNR weighting, and the training loss against the seeds' losses."""
+"""Prediction types, their conversions, min-SNR weighting, and the training loss against the published setups' losses."""
 
 from __future__ import annotations
 
@@ -91,10 +91,10 @@ class _EpsNet(torch.nn.Module):
         return torch.tanh(self.lin(x.flatten(1)) + t[:, None]).view_as(x)
 
 
-def test_vesde_default_loss_is_the_seeds_score_matching_loss():
-    """The conditional seed: score = model(x + σ(t) z, t, y); loss = MSE(score·σ(t), −z), t ~ U[ε, 1].
+def test_vesde_default_loss_is_the_conditional_setups_score_matching_loss():
+    """The conditional setup: score = model(x + σ(t) z, t, y); loss = MSE(score·σ(t), −z), t ~ U[ε, 1].
 
-    A network predicting ε̂ is the seed's score model through score = −ε̂/σ(t).
+    A network predicting ε̂ is the conditional setup's score model through score = −ε̂/σ(t).
     """
     sched = VESDESchedule()
     net = _EpsNet()
@@ -108,15 +108,15 @@ def test_vesde_default_loss_is_the_seeds_score_matching_loss():
     def marginal_prob_std(t, sigma=25.0):
         return torch.sqrt((sigma ** (2 * t) - 1.0) / 2.0 / torch.log(torch.tensor(sigma)))
 
-    # the seed's loss_fn, transcribed, with its random draws taken from the same generator
+    # the conditional setup's loss_fn, transcribed, with its random draws taken from the same generator
     gen, eps = torch.Generator().manual_seed(7), 1e-5
     random_t = torch.rand(x.shape[0], generator=gen) * (1.0 - eps) + eps
     z = torch.randn(x.shape, generator=gen)
     std = marginal_prob_std(random_t)
     perturbed_x = x + z * std[:, None, None]
     score = score_model(perturbed_x, random_t, y)
-    seed = F.mse_loss(score * std[:, None, None], -z, reduction="mean")
-    assert ours.item() == pytest.approx(seed.item(), rel=1e-5)
+    published = F.mse_loss(score * std[:, None, None], -z, reduction="mean")
+    assert ours.item() == pytest.approx(published.item(), rel=1e-5)
 
 
 @pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
@@ -176,6 +176,6 @@ def test_default_objective_is_v_with_min_snr_and_eps_on_the_vesde():
     for overrides, want in (([], ("v", "min_snr")), (["schedule=cosine"], ("v", "min_snr")),
                             (["schedule=vesde"], ("eps", "none")),
                             (["schedule=vesde", "objective.prediction=v"], ("v", "none")),  # the command line wins
-                            (["experiment=mnist_shufflenet"], ("eps", "none"))):  # a seed keeps its loss
+                            (["experiment=mnist_shufflenet"], ("eps", "none"))):  # a published setup keeps its loss
         cfg = compose_cfg("train", overrides)
         assert (cfg.objective.prediction, cfg.objective.weighting) == want, overrides

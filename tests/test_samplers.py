@@ -30,13 +30,7 @@ ORDERED = [name for name in SAMPLERS if not load_sampler(name).stochastic and lo
 f64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: thread hand-offs would cost more than the arithmetic (and the CPUs are shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest's
 
 
 def _coefs(schedule, t):
@@ -116,7 +110,7 @@ def test_ddpm_is_ho_et_al_algorithm_2(variance):
     assert len(ours) == T
 
 
-def test_ddpm_clip_is_the_mnist_seeds_sample_clip():
+def test_ddpm_clip_is_the_mnist_setups_sample_clip():
     sched = LinearSchedule()
     T = sched.num_timesteps
     den = WildDenoiser(sched)
@@ -126,7 +120,7 @@ def test_ddpm_clip_is_the_mnist_seeds_sample_clip():
     sampler.run(den, x_T.clone(), sampler.grid(sched), NoiseSource(range(3)),
                 lambda i, t, x, x0: ours.append(x.clone()))
 
-    # the seed's _reverse_diffusion_with_clip (0-based t), noise drawn every step as it does
+    # the MNIST setup's _reverse_diffusion_with_clip (0-based t), noise drawn every step as it does
     betas = torch.linspace(1e-4, 0.02, T, dtype=f64)
     alphas = 1 - betas
     abar = torch.cumprod(alphas, 0)
@@ -187,7 +181,7 @@ def test_ddim_eta_1_on_the_full_grid_is_ddpm_with_posterior_variance():
 
 
 @pytest.mark.parametrize("num_steps", [500, 37])
-def test_euler_maruyama_on_vesde_is_the_conditional_seeds_sampler(num_steps):
+def test_euler_maruyama_on_vesde_is_the_conditional_setups_sampler(num_steps):
     sched = VESDESchedule()
     den = MixtureDenoiser(sched, [-0.5, 0.4], 0.2, [0.4, 0.6])
     shape = (1, 8)
@@ -197,7 +191,7 @@ def test_euler_maruyama_on_vesde_is_the_conditional_seeds_sampler(num_steps):
     ours = sampler.run(den, NoiseSource(range(5)).randn(shape).double() * sched.prior_std, sampler.grid(sched),
                        NoiseSource(range(5, 10)), None)
 
-    # the seed's Euler_Maruyama_sampler, with its score model s(x, t) = −ε̂/σ(t)
+    # the conditional setup's Euler_Maruyama_sampler, with its score model s(x, t) = −ε̂/σ(t)
     def marginal_prob_std(t):
         return torch.sqrt((25.0 ** (2 * t) - 1.0) / 2.0 / math.log(25.0))
 

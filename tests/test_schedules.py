@@ -52,30 +52,30 @@ def test_cosine_table_matches_nichol_dhariwal():
     assert (sched.betas[:-1] < 0.999).all()
 
 
-def seed_marginal_prob_std(t, sigma=25.0):
-    """The conditional seed (Song's tutorial): std of x_t | x_0 under dx = σ^t dw."""
+def published_marginal_prob_std(t, sigma=25.0):
+    """The conditional setup (Song's tutorial): std of x_t | x_0 under dx = σ^t dw."""
     t = np.asarray(t, dtype=np.float64)
     return np.sqrt((sigma ** (2 * t) - 1.0) / 2.0 / np.log(sigma))
 
 
-def seed_diffusion_coeff(t, sigma=25.0):
+def published_diffusion_coeff(t, sigma=25.0):
     return sigma ** np.asarray(t, dtype=np.float64)
 
 
-def test_vesde_matches_the_seed():
+def test_vesde_matches_the_conditional_setup():
     sched = VESDESchedule()
     t = np.array([1e-5, 1e-3, 0.1, 0.37, 0.5, 0.9, 1.0])
     tt = torch.tensor(t, dtype=f64)
-    np.testing.assert_allclose(sched.sigma(tt).numpy(), seed_marginal_prob_std(t), rtol=1e-12)
-    np.testing.assert_allclose(sched.diffusion_coeff(tt).numpy(), seed_diffusion_coeff(t), rtol=1e-12)
+    np.testing.assert_allclose(sched.sigma(tt).numpy(), published_marginal_prob_std(t), rtol=1e-12)
+    np.testing.assert_allclose(sched.diffusion_coeff(tt).numpy(), published_diffusion_coeff(t), rtol=1e-12)
     assert (sched.alpha(tt) == 1).all()
-    assert sched.prior_std == pytest.approx(float(seed_marginal_prob_std(1.0)), rel=1e-12)
+    assert sched.prior_std == pytest.approx(float(published_marginal_prob_std(1.0)), rel=1e-12)
     assert sched.t_min == 1e-5 and VESDESchedule(sigma=10.0, eps=1e-3).t_min == 1e-3
-    # training times: the seed's `torch.rand(B) * (1 - eps) + eps`
+    # training times: the conditional setup's `torch.rand(B) * (1 - eps) + eps`
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
     ours = sched.sample_training_times(512, generator=g1)
-    seed = torch.rand(512, generator=g2) * (1.0 - 1e-5) + 1e-5
-    assert torch.equal(ours, seed)
+    published = torch.rand(512, generator=g2) * (1.0 - 1e-5) + 1e-5
+    assert torch.equal(ours, published)
 
 
 def test_discrete_training_times_are_grid_points():

@@ -27,8 +27,8 @@ def tiny_vae(dim=2, in_channels=1, **kw) -> VAE:
 
 @pytest.mark.slow
 @torch.no_grad()
-def test_sd_encoder_decoder_shapes_as_in_the_seed():
-    """The seed's usage: 1×3×256×256 image + 1×4×32×32 noise → latent 1×4×32×32 → image 1×3×256×256."""
+def test_sd_encoder_decoder_shapes_as_in_the_vae_setup():
+    """The VAE setup's usage: 1×3×256×256 image + 1×4×32×32 noise → latent 1×4×32×32 → image 1×3×256×256."""
     torch.manual_seed(0)
     encoder, decoder = VAEEncoder().eval(), VAEDecoder().eval()
     image, noise = torch.randn(1, 3, 256, 256), torch.randn(1, 4, 32, 32)

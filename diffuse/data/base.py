@@ -11,7 +11,10 @@ A dataset (ours, or a class of your own named by `dataset._target_`) has
                                               when it has no named splits (evaluate's reference_split, train-vae's
                                               evaluate.split apply to datasets that have them)
   to(device)                                  (optional) where get_batch returns its tensors
-Subclassing `Dataset` gives the shared rules and `heldout` = None.
+  write_example(root)                         (optional, a classmethod) writes a tiny copy of the files the class
+                                              reads under root and returns the config keys that read it; the
+                                              dataset contract test runs every conf/dataset/*.yaml on it
+Subclassing `Dataset` gives the shared rules, `heldout` = None and an example that needs no files.
 """
 
 from __future__ import annotations
@@ -28,6 +31,12 @@ class Dataset:
                     "num_workers": Int(0, nullable=True), "max_memory_mb": Float(0, open_lo=True)}
 
     splits: tuple[str, ...] = ()
+
+    @classmethod
+    def write_example(cls, root) -> dict:
+        """Writes a few items in the on-disk layout this class reads under root (a Path) and returns the
+        config keys that read them (e.g. {"root": ...}). Procedural data needs no files: {}."""
+        return {}
 
     def heldout(self, n: int) -> "Dataset | None":
         """At least n items this dataset's training never sees (the validation loss and in-training FD use

@@ -323,6 +323,19 @@ class FolderDataset(InMemoryImages):
 
     splits = ()  # one set of files: no named splits
 
+    @classmethod
+    def write_example(cls, root) -> dict:
+        """root/images: two class folders (torchvision's ImageFolder layout) of 4 random-pixel PNGs each."""
+        from PIL import Image
+
+        rng = np.random.default_rng(0)
+        for label in ("a", "b"):
+            folder = Path(root) / "images" / label
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(4):
+                Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+        return {"path": str(Path(root) / "images"), "cache_dir": str(Path(root) / "cache")}
+
     def heldout(self, n: int) -> None:
         """A folder has no held-out split: the jobs say so and use training items."""
         return None

@@ -223,6 +223,21 @@ class _IdxImages(InMemoryImages):
     def _download(self) -> None:
         self.tv_class(str(self.root), train=True, download=True)
 
+    @classmethod
+    def write_example(cls, root) -> dict:
+        """The four IDX files (uint8 images [N, 28, 28], labels [N]; big-endian headers) with 20 train and 10
+        test items of random pixels, labels 0…9 in turn."""
+        raw = Path(root) / cls.tv_class.__name__ / "raw"
+        raw.mkdir(parents=True, exist_ok=True)
+        rng = np.random.default_rng(0)
+        for prefix, n in (("train", 20), ("t10k", 10)):
+            images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+            labels = (np.arange(n) % 10).astype(np.uint8)
+            (raw / f"{prefix}-images-idx3-ubyte").write_bytes(
+                np.array([0x803, n, 28, 28], ">i4").tobytes() + images.tobytes())
+            (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(np.array([0x801, n], ">i4").tobytes() + labels.tobytes())
+        return {"root": str(root)}
+
     def _read(self) -> tuple[Tensor, Tensor]:
         try:
             tv = self.tv_class(str(self.root), train=self.split == "train", download=False)
@@ -316,6 +331,23 @@ class CIFAR10Dataset(InMemoryImages):
     def _download(self) -> None:
         self.tv_class(str(self.root), train=True, download=True)
 
+    @classmethod
+    def write_example(cls, root) -> dict:
+        """torchvision's layout: five train batches of 4 random images and a test batch of 10 (protocol-2
+        pickles of {"data": uint8 [N, 3072] as R, G, B planes, "labels": [N]}), and batches.meta."""
+        base = Path(root) / cls.tv_class.base_folder
+        base.mkdir(parents=True, exist_ok=True)
+        rng = np.random.default_rng(0)
+        files = [(name, 4) for name, _ in cls.tv_class.train_list] + [(cls.tv_class.test_list[0][0], 10)]
+        for name, n in files:
+            batch = {"batch_label": name, "labels": (np.arange(n) % 10).tolist(),
+                     "data": rng.integers(0, 256, (n, 3 * 32 * 32), dtype=np.uint8),
+                     "filenames": [f"{name}_{i}.png" for i in range(n)]}
+            (base / name).write_bytes(pickle.dumps(batch, protocol=2))
+        meta = {"label_names": list(cls.CLASS_NAMES), "num_cases_per_batch": 4, "num_vis": 3072}
+        (base / cls.tv_class.meta["filename"]).write_bytes(pickle.dumps(meta, protocol=2))
+        return {"root": str(root)}
+
     def _read(self) -> tuple[Tensor, Tensor]:
         files = self.tv_class.train_list if self.split == "train" else self.tv_class.test_list
         images, labels = [], []
@@ -376,6 +408,24 @@ class Flowers102Dataset(InMemoryImages):
 
     def _download(self) -> None:
         _Flowers102Folder(str(self.root), split=self.split, download=True)
+
+    @classmethod
+    def write_example(cls, root) -> dict:
+        """Oxford's layout: 12 JPEGs of random pixels (landscape and portrait), imagelabels.mat (labels 1…102)
+        and setid.mat (trnid 1–4, valid 5–8, tstid 9–12); needs scipy, as reading does."""
+        from PIL import Image
+        from scipy.io import savemat
+
+        base = Path(root) / "flowers-102"
+        (base / "jpg").mkdir(parents=True, exist_ok=True)
+        rng = np.random.default_rng(0)
+        for i in range(1, 13):
+            h, w = (48, 64) if i % 2 else (64, 48)
+            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(base / "jpg" / f"image_{i:05d}.jpg")
+        savemat(base / "imagelabels.mat", {"labels": np.array([[(i % 3) + 1 for i in range(1, 13)]])})
+        savemat(base / "setid.mat", {"trnid": np.array([[1, 2, 3, 4]]), "valid": np.array([[5, 6, 7, 8]]),
+                                     "tstid": np.array([[9, 10, 11, 12]])})
+        return {"root": str(root)}
 
     def cache_path(self) -> Path:
         return self.folder() / f"diffuse-{self.split}-{self.resolution}px.pt"

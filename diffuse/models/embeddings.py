@@ -89,6 +89,8 @@ class TimeAndClassConditioned:
     class_embed: ClassEmbedding | None
     supported_dims: tuple[int, ...] = (1, 2, 3)  # spatial dims the network takes (the model contract tests each)
     zero_init_output: bool = True  # the output head starts at zero, so a fresh network predicts 0
+    # names (substrings) of parameters that get no gradient by construction; the model contract exempts them
+    inert_parameters: tuple[str, ...] = ()
     config_rules = {"dim": Choice(1, 2, 3), "in_channels": Int(1), "out_channels": Int(1, nullable=True),
                     "num_classes": Int(0)}
 
