@@ -14,6 +14,7 @@ JOBS = {
     "train": "train a diffusion model (default: shapes, 2-D, unet, linear DDPM)",
     "sample": "draw samples from a checkpoint (default: newest under outputs/): samples.npz, grid.png",
     "animate": "sample plus an animation of the denoising (= sample --animation)",
+    "edit": "use a run on your items: mode=inpaint | img2img | invert | interpolate: edits.npz, grid.png",
     "evaluate": "sample quality of a checkpoint against real data (FD, label agreement): metrics.json",
     "train-vae": "train the autoencoder of latent diffusion (then: diffuse train latent.vae=PATH)",
     "export": "a checkpoint's weights as model.safetensors + config.json (sample takes the folder too)",
@@ -85,7 +86,7 @@ def split_flags(args: list[str]) -> tuple[list[str], list[str]]:
 
 
 # Jobs whose `sampler` is optional (null: the run's own sampler, read from its checkpoint).
-OWN_SAMPLER_JOBS = ("sample", "evaluate")
+OWN_SAMPLER_JOBS = ("sample", "evaluate", "edit")
 
 
 def own_sampler_overrides(config_name: str, overrides: list[str]) -> list[str]:

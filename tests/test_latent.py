@@ -119,6 +119,27 @@ def test_sample_decodes_to_data_space_from_the_checkpoint_alone(vae_run, latent_
 
 
 @pytest.mark.slow
+def test_edit_works_in_latent_space_and_keeps_the_known_pixels(vae_run, latent_run):
+    """Inpainting a latent run: the mask goes to the 4×4 latent grid (a cell kept only where all its pixels are
+    known), the completions are decoded to 8×8 data, and the known pixels are the input's exactly."""
+    cwd, _ = vae_run
+    _, run = latent_run
+    proc = _ok(run_cli(["edit", f"checkpoint={run}", "mask=right_half", "input.count=2", "num_samples=2",
+                        "sampler.steps=4", "device=cpu"], cwd))
+    printed = dict(re.findall(r"^(edits|grid): (.+)$", proc.stdout, re.M))
+    edits = np.load(printed["edits"])
+    x, m, out = edits["inputs"], edits["masks"], edits["outputs"]
+    assert x.shape == (2, 1, 8, 8) and out.shape == (2, 2, 1, 8, 8) and edits["latent_masks"].shape == (2, 1, 4, 4)
+    assert edits["latent_masks"][..., :2].all() and not edits["latent_masks"][..., 2:].any()
+    known = np.broadcast_to(m[:, None], out.shape)
+    assert np.array_equal(out[known], np.broadcast_to(x[:, None], out.shape)[known])
+    proc = _ok(run_cli(["edit", f"checkpoint={run}", "mode=img2img", "strength=0.5", "input.count=2",
+                        "sampler.steps=4", "device=cpu"], cwd))
+    printed = dict(re.findall(r"^(edits|grid): (.+)$", proc.stdout, re.M))
+    assert np.load(printed["edits"])["outputs"].shape == (2, 4, 1, 8, 8)
+
+
+@pytest.mark.slow
 def test_latent_run_resumes(vae_run, latent_run):
     cwd, _ = vae_run
     _, run = latent_run

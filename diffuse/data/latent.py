@@ -72,18 +72,34 @@ def decode_latents(vae: VAE, z: Tensor, batch_size: int = 64) -> Tensor:
     return torch.cat(out).clamp(-1, 1) if out else z
 
 
-def latent_decoder(state: dict, device: torch.device | str = "cpu") -> Callable[[Tensor], Tensor]:
-    """What turns a run's samples into data: the identity for pixel-space runs; for latent runs the VAE
-    decoder, from the weights embedded in the checkpoint (else from the VAE checkpoint path)."""
+def latent_vae(state: dict, device: torch.device | str = "cpu") -> VAE | None:
+    """The frozen VAE a latent run's checkpoint embeds; None for a pixel-space run. A checkpoint never chooses a
+    file to open: a latent run without its VAE embedded is refused."""
     latent = (state.get("config") or {}).get("latent") or {}
     if CHECKPOINT_KEY in state:
-        record = state[CHECKPOINT_KEY]
-    elif latent.get("vae"):  # a checkpoint never chooses a file to open: only the VAE it carries is used
+        return vae_from_record(state[CHECKPOINT_KEY], device)
+    if latent.get("vae"):
         raise DiffuseError(NO_EMBEDDED_VAE)
-    else:
+    return None
+
+
+def latent_decoder(state: dict, device: torch.device | str = "cpu") -> Callable[[Tensor], Tensor]:
+    """What turns a run's samples into data: the identity for pixel-space runs; for latent runs the decoder
+    of the VAE embedded in the checkpoint."""
+    vae = latent_vae(state, device)
+    if vae is None:
         return lambda x: x
-    vae = vae_from_record(record, device)
     return lambda z: decode_latents(vae, z)
+
+
+def encode_data(vae: VAE, x: Tensor, batch_size: int = 64) -> Tensor:
+    """Data [N, C, *S] in [−1, 1] → the run's latents μ · scale_factor [N, latent_channels, *L] (the posterior
+    mean: an edit starts from the item itself, not a draw around it), fp32 on the CPU."""
+    device = next(vae.parameters()).device
+    with torch.no_grad():
+        out = [vae.encode(x[i:i + batch_size].to(device, torch.float32), sample=False).float().cpu()
+               for i in range(0, len(x), batch_size)]
+    return torch.cat(out)
 
 
 def is_latent_run(config: DictConfig | dict) -> bool:

@@ -316,7 +316,7 @@ class EulerMaruyama(Sampler):
             eps, x0_hat = self.denoise(denoiser, x, t, a_t, s_t)
             score = -eps / s_t
             mean = x - (f * x - g2 * score) * dt
-            if i < n - 1:
+            if float(grid[i + 1]) > 0:  # not the step to t = 0 (also on a part of a grid, as RePaint runs)
                 x = mean + (g2 * dt) ** 0.5 * noise.randn_like(x)
             else:
                 x = x0_hat if self.final_denoise else mean
