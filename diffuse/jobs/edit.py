@@ -318,13 +318,15 @@ class Edit:
             raise DiffuseError("interpolate walks from input 2k to input 2k+1: give at least 2 inputs (input.count)")
         pairs = len(x) // 2
         x = x[:2 * pairs]
-        labels = self.labels(None if y is None else y[:2 * pairs], 2 * pairs)
+        # labels=input: the null class, so that both ends decode back to their inputs whatever their classes;
+        # labels=K: class K for the encodings and every frame
+        labels = None if str(self.cfg.labels) == "input" else self.labels(None, 2 * pairs)
         noise = self._encode_to_noise(self.encode(x), labels)
         a, b = noise[0::2], noise[1::2]
         frames = int(self.cfg.frames)
         path = editing.slerp_path(a, b, frames)  # [F, P, …]
         walk = path.transpose(0, 1).flatten(0, 1)  # pair-major: [P·F, …]
-        walk_labels = None if labels is None else labels[0::2].repeat_interleave(frames)  # the first input's class
+        walk_labels = None if labels is None else labels[:1].expand(pairs * frames)
         decoded = self.decode(self._decode_from_noise(walk, walk_labels)).view(pairs, frames, *x.shape[1:])
         result = {"inputs": x, "frames": decoded, "weights": torch.tensor(editing.interpolation_weights(frames)),
                   "_count": pairs * frames, "_grid": (decoded.flatten(0, 1), frames),
