@@ -11,10 +11,11 @@ import torch
 from omegaconf import OmegaConf
 
 from diffuse.app import CONF_DIR
+from diffuse.building import part_class
 from diffuse.storage.checkpoint import load_checkpoint
 from diffuse.validation import validate
 
-from conftest import compose_cfg, smallest_resolution, write_tiny_flowers
+from conftest import compose_cfg, smallest_resolution
 from inproc_cli import run_inproc
 
 EXPERIMENTS = [path.stem for path in sorted((Path(CONF_DIR) / "experiment").glob("*.yaml"))]
@@ -26,32 +27,24 @@ TWO_STEPS = ["trainer.max_steps=2", "trainer.epochs=null", "trainer.batch_size=2
              "logger=none", "device=cpu"]
 
 
-def _data_args(dataset_target: str, request, tmp_path: Path) -> list[str]:
-    """Where the experiment's data comes from in a test: shapes are made, MNIST/Fashion-MNIST read from
-    ../shared/data (skipped where absent), Flowers102 from a tiny folder in its format."""
-    name = dataset_target.rsplit(".", 1)[-1]
-    if name == "ShapesDataset":
-        return ["dataset.size=16"]
-    if name in ("MNISTDataset", "FashionMNISTDataset"):
-        root = request.getfixturevalue("shared_data")
-        folder = "MNIST" if name == "MNISTDataset" else "FashionMNIST"
-        if not (root / folder / "raw").is_dir():
-            pytest.skip(f"../shared/data/{folder} not present")
-        return [f"dataset.root={root}", "dataset.split=test"]
-    if name == "Flowers102Dataset":
-        pytest.importorskip("scipy")
-        return [f"dataset.root={write_tiny_flowers(tmp_path / 'data')}"]
-    return []  # a dataset with no rule here: the experiment's own (add a rule above if it needs files)
+def _data_args(dataset_target: str, tmp_path: Path) -> list[str]:
+    """Where the experiment's data comes from in a test: the tiny copy of its files the dataset class writes
+    (`write_example`; procedural data needs none), small where the class takes a size."""
+    cls = part_class(dataset_target)
+    keys = cls.write_example(tmp_path / "data")
+    if "size" in cls.config_rules:
+        keys["size"] = 16
+    return [f"dataset.{key}={value}" for key, value in keys.items()]
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
-def test_every_experiment_trains(name, request, tmp_path):
+def test_every_experiment_trains(name, tmp_path):
     cfg = compose_cfg("train", [f"experiment={name}"])
     OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
     validate(cfg, "train")  # the experiment's own values, before the tiny overrides below
     resolution = smallest_resolution((f"experiment={name}",))
     args = [f"experiment={name}", f"dataset.resolution={resolution}",
-            *_data_args(cfg.dataset._target_, request, tmp_path), *TWO_STEPS]
+            *_data_args(cfg.dataset._target_, tmp_path), *TWO_STEPS]
     res = run_inproc(["train", *args], tmp_path)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     (ckpt,) = tmp_path.glob("outputs/*/*/checkpoints/last.ckpt")
@@ -78,6 +71,14 @@ PUBLISHED_VALUES = {  # the published setups each experiment reproduces
                            "sampler._target_": "diffuse.diffusion.samplers.EulerMaruyama", "sampler.steps": 250,
                            "conditional": True, "model.num_classes": 10, "objective.prediction": "eps",
                            "objective.weighting": "none", "sampler.final_denoise": True},
+    "cifar10_ddpm": {"model._target_": "diffuse.models.unet.UNet", "dataset._target_": "diffuse.data.vision.CIFAR10Dataset",
+                     "model.base_channels": 128, "model.channel_mult": [1, 2, 2, 2], "model.num_res_blocks": 2,
+                     "model.attn_levels": [1], "model.dropout": 0.1, "model.time_emb_dim": 512,
+                     "schedule.beta_start": 1e-4, "schedule.beta_end": 0.02, "schedule.num_timesteps": 1000,
+                     "trainer.lr": 2e-4, "trainer.warmup_steps": 5000, "trainer.lr_schedule": "constant",
+                     "trainer.batch_size": 128, "trainer.ema_decay": 0.9999, "trainer.max_steps": 800000,
+                     "trainer.grad_clip": 1.0, "dataset.hflip": True, "conditional": False, "sampler.steps": 1000,
+                     "objective.prediction": "eps", "objective.weighting": "none"},
 }
 
 
