@@ -109,6 +109,16 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def one_adam_step(model, x, t, y) -> None:
+    """One AdamW step (lr 1e-3) on an MSE to a fixed random target: zero-initialised output heads move off zero,
+    so every other layer's gradient shows."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    target = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    torch.nn.functional.mse_loss(model(x, t, y), target).backward()
+    opt.step()
+    opt.zero_grad()
+
+
 def requires_cuda(test):
     """Marks a test `cuda` (`pytest -m cuda` runs just these) and skips it where no CUDA device is present
     (CI has none): the GPU twin of a CPU test, kept in the same file."""

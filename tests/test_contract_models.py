@@ -13,7 +13,7 @@ import torch
 from diffuse.building import build
 from diffuse.errors import DiffuseError
 
-from conftest import MODEL_CASES, MODEL_IDS, compose_cfg, conf_choices, model_dims, model_overrides
+from conftest import MODEL_CASES, MODEL_IDS, compose_cfg, conf_choices, model_dims, model_overrides, one_adam_step
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest's
 
@@ -28,15 +28,6 @@ def _built(name: str, dim: int, conditional: bool = True):
 def _batch(shape, n=2, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, *shape, generator=g), torch.rand(n, generator=g) * 0.9 + 0.05, torch.arange(n) % 2
-
-
-def _one_step(model, x, t, y):
-    """One AdamW step on an MSE to a random target: zero-initialised heads move off zero."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    target = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
-    torch.nn.functional.mse_loss(model(x, t, y), target).backward()
-    opt.step()
-    opt.zero_grad()
 
 
 @pytest.mark.parametrize("name,dim", MODEL_CASES, ids=MODEL_IDS)
@@ -70,7 +61,7 @@ def test_gradients_reach_every_parameter(name, dim):
     torch.manual_seed(0)
     model, shape = _built(name, dim)
     x, t, y = _batch(shape)
-    _one_step(model, x, t, y)  # zero-initialised heads pass no gradient back until they have moved once
+    one_adam_step(model, x, t, y)  # zero-initialised heads pass no gradient back until they have moved once
     model(x, t, y).square().mean().backward()
     inert = type(model).inert_parameters
     for param_name, p in model.named_parameters():

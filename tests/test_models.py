@@ -13,7 +13,8 @@ from diffuse.models.msnat import MSNATUNet, NATBlock, levels_for_dim
 from diffuse.models.shufflenet import ShuffleNetUNet, ShuffleUnit, channel_shuffle
 from diffuse.models.spatial_transformer import SpatialTransformerUNet
 
-from conftest import MODEL_CASES, MODEL_IDS, TWO_TINY_STEPS, compose_cfg, model_overrides, rel_err, requires_cuda
+from conftest import (MODEL_CASES, MODEL_IDS, TWO_TINY_STEPS, compose_cfg, model_overrides, one_adam_step, rel_err,
+                      requires_cuda)
 
 NUM_CLASSES = 3
 TINY_LEVELS = [dict(mult=1, depth=1, heads=2, kernel=3, dilations=[1, 2]), dict(mult=2, depth=1, heads=2, kernel=3)]
@@ -35,15 +36,6 @@ def spatial_transformer(dim, num_classes=NUM_CLASSES, **kw):
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest's
-
-
-def one_step(model, x, t, y):
-    """One AdamW step on an MSE to a random target: the zero-initialised output layers move off zero."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    target = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
-    torch.nn.functional.mse_loss(model(x, t, y), target).backward()
-    opt.step()
-    opt.zero_grad()
 
 
 # every conf/model/*.yaml in each dim: one bf16 training step on a GPU agrees with fp32
@@ -104,7 +96,7 @@ def test_msnat_backends_agree_inside_the_model():
     reference = MSNATUNet(dim=2, in_channels=1, levels=TINY_LEVELS, num_classes=2, time_emb_dim=8,
                           attention={"backend": "torch"}, **kw).eval()
     x, t = torch.randn(2, 1, 12, 10), torch.rand(2)
-    one_step(reference.train(), x, t, torch.tensor([0, 1]))
+    one_adam_step(reference.train(), x, t, torch.tensor([0, 1]))
     reference.eval()
     backends = ["flex"] + (["natten"] if _has_natten() else [])
     for backend in backends:

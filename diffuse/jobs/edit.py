@@ -22,11 +22,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import Tensor
 
 from diffuse import media
-from diffuse.building import build
 from diffuse.data.base import heldout_of
 from diffuse.data.latent import encode_data, is_latent_run, latent_vae
 from diffuse.devices import resolve_device
@@ -36,6 +35,7 @@ from diffuse.diffusion.samplers import NoiseSource
 from diffuse.dims import item_shape
 from diffuse.errors import DiffuseError
 from diffuse.jobs.common import report
+from diffuse.jobs.evaluate import reference_dataset
 from diffuse.jobs.sampling import SamplingSession, open_run
 
 log = logging.getLogger(__name__)
@@ -98,17 +98,13 @@ def _read_path(path: Path, shape: tuple[int, ...]) -> tuple[Tensor, Tensor | Non
 
 
 def _read_run_dataset(run_config, root, count: int) -> tuple[Tensor, Tensor | None]:
-    node = OmegaConf.to_container(run_config["dataset"], resolve=True)
-    if is_latent_run(run_config):
-        node = node["data"]
+    """The held-out items of the run's own dataset (the pixel data under a latent run's VAE), read from `root`
+    (this command's input.root, as evaluate reads its reference data)."""
+    node = run_config["dataset"]["data"] if is_latent_run(run_config) else run_config["dataset"]
     if "path" in node:
         raise DiffuseError("the run trained on a folder, which has no held-out items: give input.path (a folder "
                            "or a samples.npz)")
-    if "root" in node:  # where the files lie comes from this command line, never from the checkpoint
-        node["root"] = str(root)
-    if "download" in node:
-        node["download"] = False
-    dataset = build(OmegaConf.create(node), "dataset")
+    dataset = reference_dataset(run_config, None, str(root))
     items = heldout_of(dataset, count) or dataset
     if items is dataset:
         log.info("the run's dataset has no held-out items: editing its first %d training items", count)
