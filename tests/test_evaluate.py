@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -102,3 +103,19 @@ def test_label_bank_holds_the_reference_set_and_more_never_the_ceiling_set():
     assert (bank_y == bank_x[:, 0, 0, 0].long() % 10).all()
     assert len(label_bank(data, 20, 500, (x_a, y_a))[1]) == 80  # capped by the data (100 − the 20 of the ceiling set)
     assert len(label_bank(data, 20, 5, (x_a, y_a))[1]) == 20  # never smaller than the reference set
+
+
+@pytest.mark.slow
+def test_evaluate_memorization_on_the_training_items(checkpoint):
+    """metrics=[fd,memorization]: the samples against the run's 64 training shapes (the same seed, so the same
+    items); a 3-step model copies nothing, and the most suspect pairs are written."""
+    root, ckpt = checkpoint
+    proc = run_cli(["evaluate", f"checkpoint={ckpt}", "sampler=ddim", "sampler.steps=3", "num_samples=8",
+                    "metrics=[fd,memorization]", "memorization_k=10", "device=cpu"], root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (r,) = _metrics(proc.stdout)
+    assert r["memorization_train_items"] == 64 and r["memorization_k"] == 10
+    assert r["memorization_copy_rate"] == 0.0 and 0 < r["memorization_median_ratio"] <= 1
+    assert "memorization: copy rate 0.000" in proc.stdout
+    metrics_path = next(line.split(": ", 1)[1] for line in proc.stdout.splitlines() if line.startswith("metrics: "))
+    assert (Path(metrics_path).parent / "memorization.png").is_file()

@@ -21,7 +21,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from diffuse import fidelity, metrics
+from diffuse import fidelity, media, metrics
 from diffuse.building import build, without_locations
 from diffuse.data.base import split_config
 from diffuse.data.latent import is_latent_run
@@ -30,6 +30,7 @@ from diffuse.diffusion.guidance import guidance_note
 from diffuse.errors import DiffuseError
 from diffuse.jobs.common import on_rank0, report
 from diffuse.jobs.sampling import open_run, sampling_processes
+from diffuse.memorization import DEFAULT_K, DEFAULT_THRESHOLD, memorization
 from diffuse.training.distributed import DistInfo
 
 
@@ -95,11 +96,31 @@ def label_scores(x: torch.Tensor, labels: torch.Tensor, bank: tuple[torch.Tensor
 def metric_names(value) -> tuple[bool, tuple[str, ...]]:
     """`metrics` (a list, or one name) → (random-conv FD wanted, the Inception metrics asked for)."""
     names = [] if value is None else [value] if isinstance(value, str) else [str(v) for v in value]
-    unknown = [v for v in names if v not in ("fd", *fidelity.METRICS)]
+    unknown = [v for v in names if v not in ("fd", *fidelity.METRICS, "memorization")]
     if unknown:
-        raise DiffuseError(f"metrics: unknown {unknown}; choose from fd, {', '.join(fidelity.METRICS)} "
+        raise DiffuseError(f"metrics: unknown {unknown}; choose from fd, {', '.join(fidelity.METRICS)}, memorization "
                            f"(e.g. metrics=[fd,fid])")
     return "fd" in names, tuple(m for m in fidelity.METRICS if m in names)
+
+
+def memorization_scores(cfg: DictConfig, saved: DictConfig, x: torch.Tensor, run_dir: Path) -> dict:
+    """The samples x against the run's training items (its train split; at most memorization_max_train of them,
+    unflipped): the copy rate of the ratio test (diffuse/memorization.py), and memorization.png with the most
+    suspect samples beside their nearest training items (a pair per row)."""
+    train = reference_dataset(saved, "train", cfg.get("data_root"), cfg.get("download", False))
+    if hasattr(train, "hflip"):
+        train.hflip = False  # the items as stored, not a random flip of them
+    n = min(len(train), int(cfg.get("memorization_max_train") or len(train)))
+    items = torch.cat([train.get_batch(torch.arange(i, min(n, i + 4096)), None)[0].float().cpu()
+                       for i in range(0, n, 4096)])
+    found = memorization(x, items, k=int(cfg.get("memorization_k", DEFAULT_K)),
+                         threshold=float(cfg.get("memorization_threshold", DEFAULT_THRESHOLD)))
+    worst = found.closest(min(8, len(x)))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    media.save_grid(torch.stack([x[worst], items[found.nearest[worst]]], 1).flatten(0, 1),
+                    run_dir / "memorization.png", nrow=2, view=cfg.get("view", "slices"))
+    return {"memorization_copy_rate": found.copy_rate, "memorization_median_ratio": float(found.ratio.median()),
+            "memorization_k": found.k, "memorization_threshold": found.threshold, "memorization_train_items": n}
 
 
 def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> dict:
@@ -177,6 +198,9 @@ def _run(cfg: DictConfig, run_dir: Path, device: torch.device, dist: DistInfo) -
         result["inception_metric"] = ("torch-fidelity InceptionV3 pool3 (2048-d; precision/recall too) on uint8 RGB, "
                                       "grey replicated, resized to 299 by torch-fidelity; comparable only at equal "
                                       "num_samples and the same weights (inception_weights_sha256)")
+    names = cfg.get("metrics", ["fd"])
+    if "memorization" in ([names] if isinstance(names, str) else list(names or [])):
+        result.update(memorization_scores(cfg, saved, x, run_dir))
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "metrics.json"
     path.write_text(json.dumps(result, indent=2))
@@ -207,6 +231,10 @@ def summary_lines(result: dict, step: int) -> list[str]:
         ceiling = result["label_agreement_real"]
         lines.append(f"  label agreement {result['label_agreement']:.3f}"
                      + ("" if ceiling is None else f" (real images, same rule: {ceiling:.3f})"))
+    if "memorization_copy_rate" in result:
+        lines.append(f"  memorization: copy rate {result['memorization_copy_rate']:.3f}, median d1/d{result['memorization_k']}"
+                     f" {result['memorization_median_ratio']:.3f} (copy: < {result['memorization_threshold']:.3f}; "
+                     f"{result['memorization_train_items']} training items)")
     lines.append(f"  off-range {result['off_range_fraction']:.3f}  mean/std {result['mean']:.3f}/{result['std']:.3f} "
                  f"(real {result['real_mean']:.3f}/{result['real_std']:.3f})")
     return lines
