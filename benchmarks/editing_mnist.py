@@ -12,7 +12,7 @@ The run is the default recipe's (`diffuse train dataset=mnist`). Inputs are the 
 - "agreement" = the classifier calls the completion the original digit; "L2 known" checks the kept half is
   the input (0 to float precision); "L2 filled" is the distance to the real bottom half, per digit.
 
-SDEdit: the first --sdedit-n test digits at strengths 0.2 … 1.0 (dpm_solver, 20 steps over the whole grid, so
+SDEdit: the first --sdedit-n test digits at strengths 0.2 … 1.0 (the run's dpm_solver, 20 steps over the whole grid, so
 about strength × 20 passes), no label: L2 distance to the input and the classifier's agreement with the input's
 digit; then guided toward the next digit's class. DDIM inversion and decoding against the steps (64 digits), and
 a slerp interpolation strip. Times are per output on this machine's cores (torch threads as set), sampler arithmetic fp32, network
@@ -31,10 +31,11 @@ import torch
 from diffuse.data.vision import MNISTDataset
 from diffuse.diffusion import editing, masks
 from diffuse.diffusion.guidance import Denoiser
-from diffuse.diffusion.samplers import DDIM, DDPM, DPMSolverPP, NoiseSource
+from diffuse.diffusion.samplers import DDIM, DDPM, NoiseSource
 from diffuse.digit_classifier import load_digit_classifier
 from diffuse.jobs.common import load_run
-from diffuse.jobs.sampling_setup import AUTO_GUIDANCE_SCALE, prepare_for_sampling
+from diffuse.building import build
+from diffuse.jobs.sampling_setup import AUTO_GUIDANCE_SCALE, prepare_for_sampling, resolved_sampler
 from diffuse.diffusion.objectives import parameterization
 
 BATCH = 250
@@ -57,6 +58,9 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--sdedit-n", type=int, default=500)
     ap.add_argument("--out", default="benchmarks/results/editing_mnist.md")
+    ap.add_argument("--inpaint-only", action="store_true", help="the inpainting table alone")
+    ap.add_argument("--run-label", default="the default recipe `diffuse train dataset=mnist`",
+                    help="how the table names the run")
     args = ap.parse_args()
 
     run = load_run(args.checkpoint, torch.device("cpu"))
@@ -66,7 +70,7 @@ def main() -> None:
     x, y = test.get_batch(torch.arange(args.n), None)
     clf = load_digit_classifier()
     mask = masks.named_mask("bottom_half", (28, 28))
-    out_dir = Path(args.out).parent
+    out_dir, stem = Path(args.out).parent, Path(args.out).stem  # images: <stem>_inpaint.png, … beside the table
     out_dir.mkdir(parents=True, exist_ok=True)
 
     def agreement(images, labels) -> float:
@@ -81,12 +85,19 @@ def main() -> None:
     def denoiser(labels, scale):
         return Denoiser(model, run.schedule, prediction, y=labels, guidance_scale=scale)
 
+    def own(steps: int):  # the run's own sampler at `steps`, exactly as `diffuse edit sampler.steps=N` builds it
+        return build(resolved_sampler(run.config, None, 0.0, steps=steps), "sampler")
+
     configs = [  # name, sampler, method kwargs, label?, guidance, passes per completion
-        ("replacement, dpm_solver 20", DPMSolverPP(20), {"method": "replacement"}, False, 0.0, 20),
+        ("replacement, the run's dpm_solver 20", own(20), {"method": "replacement"}, False, 0.0, 20),
+        ("reconstruction guidance w 20, the run's dpm_solver 20 (+ a backward per pass)", own(20),
+         {"method": "reconstruction", "reconstruction_weight": 20.0}, False, 0.0, 20),
+        ("reconstruction guidance w 20, the run's dpm_solver 50 (+ a backward per pass)", own(50),
+         {"method": "reconstruction", "reconstruction_weight": 20.0}, False, 0.0, 50),
         ("replacement, ddpm 50", DDPM(50), {"method": "replacement"}, False, 0.0, 50),
         ("RePaint, ddpm 10 × resample 5 (jump 2)", DDPM(10), {"method": "repaint", "jump_length": 2, "resample": 5},
          False, 0.0, 50),
-        (f"replacement, dpm_solver 10, true label (w {AUTO_GUIDANCE_SCALE})", DPMSolverPP(10),
+        (f"replacement, the run's dpm_solver 10, true label (w {AUTO_GUIDANCE_SCALE})", own(10),
          {"method": "replacement"}, True, AUTO_GUIDANCE_SCALE, 20),
     ]
     for name, sampler, kw, labelled, scale, passes in configs:
@@ -94,7 +105,7 @@ def main() -> None:
         for s in range(0, args.n, BATCH):
             sl = slice(s, min(args.n, s + BATCH))
             den = denoiser(y[sl] if labelled else None, scale)
-            with torch.inference_mode():
+            with torch.no_grad():  # reconstruction guidance differentiates through the network
                 outs.append(editing.inpaint(den, sampler, x[sl], mask, NoiseSource(range(sl.start, sl.stop)), **kw))
         seconds = (time.perf_counter() - start) / args.n
         done = torch.cat(outs).clamp(-1, 1)
@@ -106,12 +117,15 @@ def main() -> None:
 
     from diffuse import media
     panel = torch.cat([x[:16], blank[:16], *grids.values()])
-    media.save_grid(panel, out_dir / "editing_mnist_inpaint.png", nrow=16)
+    media.save_grid(panel, out_dir / f"{stem}_inpaint.png", nrow=16)
 
+    if args.inpaint_only:
+        write(args, run, rows, None, None, None, args.n)
+        return
     sd_rows, sd_grid = [], [x[:16]]
     n = min(args.sdedit_n, args.n)
     for strength in (0.2, 0.4, 0.6, 0.8, 1.0):
-        sampler, outs, start = DPMSolverPP(20), [], time.perf_counter()
+        sampler, outs, start = own(20), [], time.perf_counter()
         for s in range(0, n, BATCH):
             sl = slice(s, min(n, s + BATCH))
             with torch.inference_mode():
@@ -125,12 +139,12 @@ def main() -> None:
                         agreement(done, y[:n]), seconds))
         sd_grid.append(done[:16])
         print(sd_rows[-1], flush=True)
-    media.save_grid(torch.cat(sd_grid), out_dir / "editing_mnist_sdedit.png", nrow=16)
+    media.save_grid(torch.cat(sd_grid), out_dir / f"{stem}_sdedit.png", nrow=16)
 
     # "turn this digit into the next one": SDEdit guided by the label (y + 1) mod 10
     retarget_rows = []
     for strength in (0.4, 0.6, 0.8):
-        sampler, outs, start = DPMSolverPP(10), [], time.perf_counter()
+        sampler, outs, start = own(10), [], time.perf_counter()
         target = (y[:n] + 1) % 10
         for s in range(0, n, BATCH):
             sl = slice(s, min(n, s + BATCH))
@@ -164,13 +178,18 @@ def main() -> None:
         noise = editing.invert(denoiser(None, 0.0), sampler, x[:4])
         path = editing.slerp_path(noise[0::2], noise[1::2], 9).transpose(0, 1).flatten(0, 1)  # [2·9, …]
         walk = sampler.run(denoiser(None, 0.0), path, sampler.grid(run.schedule), None, None).clamp(-1, 1)
-    media.save_grid(walk, out_dir / "editing_mnist_interpolation.png", nrow=9)
+    media.save_grid(walk, out_dir / f"{stem}_interpolation.png", nrow=9)
 
+    write(args, run, rows, sd_rows, retarget_rows, inv_rows, n, m)
+
+
+def write(args, run, rows, sd_rows, retarget_rows, inv_rows, n, m=0) -> None:
+    stem = Path(args.out).stem
     threads = torch.get_num_threads()
     lines = [
         "# Editing on MNIST: inpainting the bottom half, and SDEdit",
         "",
-        f"Checkpoint: `{args.checkpoint}` (step {run.step}, the default recipe `diffuse train dataset=mnist`), EMA "
+        f"Checkpoint: `{args.checkpoint}` (step {run.step}, {args.run_label}), EMA "
         f"weights, network in fp32. Machine: {cpu_name()}, {threads} torch threads. Judge: ccexam's MNIST CNN "
         f"(`diffuse/digit_classifier.py`), which no run here trained. Script: `benchmarks/editing_mnist.py`.",
         "",
@@ -183,15 +202,20 @@ def main() -> None:
         known_s = "" if known != known else f"{known:.1e}"
         filled_s = "" if filled != filled else f"{filled:.2f}"
         lines.append(f"| {name} | {passes} | {seconds} | {agree:.3f} | {known_s} | {filled_s} |")
-    lines += ["", "Rows of `editing_mnist_inpaint.png`: real, bottom blank, then the methods in the table's order.",
-              "", "![inpainting](editing_mnist_inpaint.png)", "",
+    lines += ["", f"Rows of `{stem}_inpaint.png`: real, bottom blank, then the methods in the table's order.",
+              "", f"![inpainting]({stem}_inpaint.png)", ""]
+    if sd_rows is None:
+        Path(args.out).write_text("\n".join(lines))
+        print("\n".join(lines))
+        return
+    lines += [
               f"## SDEdit: the first {n} test digits, dpm_solver 20 steps, no label", "",
               "| strength | starts at t | network passes | L2 to the input | classifier agrees with the input's digit | s per output |",
               "|---|---|---|---|---|---|"]
     for strength, t_start, passes, dist, agree, seconds in sd_rows:
         lines.append(f"| {strength:.1f} | {t_start:.3f} | {passes} | {dist:.2f} | {agree:.3f} | {seconds:.3f} |")
-    lines += ["", "Rows of `editing_mnist_sdedit.png`: the inputs, then strengths 0.2 to 1.0.", "",
-              "![sdedit](editing_mnist_sdedit.png)", "",
+    lines += ["", f"Rows of `{stem}_sdedit.png`: the inputs, then strengths 0.2 to 1.0.", "",
+              f"![sdedit]({stem}_sdedit.png)", "",
               f"## SDEdit toward another class: digit d → d + 1 (mod 10), dpm_solver 10 guided steps (w "
               f"{AUTO_GUIDANCE_SCALE}), first {n} test digits", "",
               "| strength | classifier says the target class | classifier says the input's class | L2 to the input | s per output |",
@@ -205,7 +229,7 @@ def main() -> None:
         lines.append(f"| {steps} | {error:.4f} | {agree:.3f} | {seconds:.3f} |")
     lines += ["", "## Interpolation: digits 0 → 1 and 2 → 3 of the test split, DDIM 50 encodings (null class), slerp, "
               "9 frames", "",
-              "![interpolation](editing_mnist_interpolation.png)", ""]
+              f"![interpolation]({stem}_interpolation.png)", ""]
     Path(args.out).write_text("\n".join(lines))
     print("\n".join(lines))
 

@@ -6,6 +6,11 @@ probability-flow ODE up the grid. Masks (masks.py) are bool [B|1, 1, *spatial], 
 
   replacement  Song et al. 2021 (score_sde's inpainter): before every network evaluation at time t the known
                region of x is set to the input noised to t, α_t x_known + σ_t z (fresh z each time).
+  reconstruction  Ho et al. 2022 ("Video diffusion models", eq. 7): replacement, and the unknown region's x̂₀
+               moved against the gradient of how far the known region's x̂₀ is from the input,
+               x̂₀_u ← x̂₀_u − (w α_t / 2) ∇_{x_t,u} ‖x_known − x̂₀_k(x_t)‖², so the known region steers what
+               is filled in through the network (replacement alone never lets it: RePaint's "disharmony").
+               One backward pass through the network per evaluation.
   RePaint      Lugmayr et al. 2022: replacement, and the grid walked in jumps of `jump_length` intervals, each
                jump done `resample` times, the state re-noised back up the jump in between by the forward
                process q(x_a | x_b) = N(α_{a|b} x_b, σ_a² − α_{a|b}² σ_b²). resample = 1 is replacement.
@@ -32,7 +37,7 @@ from torch import Tensor
 from diffuse.diffusion.samplers import DDIM, EulerAncestral, NoiseSource, Sampler, StepCallback, prior_sample
 from diffuse.errors import DiffuseError
 
-METHODS = ("replacement", "repaint")
+METHODS = ("replacement", "reconstruction", "repaint")
 
 
 def _coefs(schedule, t) -> tuple[float, float]:
@@ -44,14 +49,18 @@ class KnownRegion:
     """A denoiser for inpainting by replacement: ε̂(x, t) of the inner denoiser at x with its known region
     replaced by the input noised to t; on the known region itself it returns ε̂ = (x − α_t x_known)/σ_t, so
     x̂₀ there is the input and every sampler's state carries the known region down its noised path.
+    reconstruction_weight w > 0 adds Ho et al.'s reconstruction guidance to the unknown region (see the module).
 
     known: [B, C, *spatial] (data or latents); mask: bool [B|1, 1, *spatial]; noise: per-sample noise."""
 
-    def __init__(self, denoiser, known: Tensor, mask: Tensor, noise: NoiseSource):
+    def __init__(self, denoiser, known: Tensor, mask: Tensor, noise: NoiseSource, reconstruction_weight: float = 0.0):
         if known.shape[2:] != mask.shape[2:] or mask.shape[0] not in (1, known.shape[0]):
             raise DiffuseError(f"a mask of shape {list(mask.shape)} does not fit items of shape {list(known.shape)}")
+        if float(reconstruction_weight) < 0:
+            raise DiffuseError(f"reconstruction_weight must be ≥ 0; got {reconstruction_weight}")
         self.inner, self.schedule = denoiser, denoiser.schedule
         self.known, self.mask, self.noise = known.float(), mask.to(known.device), noise
+        self.weight = float(reconstruction_weight)
 
     @property
     def nfe(self) -> int:
@@ -60,10 +69,25 @@ class KnownRegion:
     def eps(self, x: Tensor, t) -> Tensor:
         a, s = _coefs(self.schedule, t)
         noised = a * self.known + s * self.noise.randn_like(x)
-        eps = self.inner.eps(torch.where(self.mask, noised, x), t)
+        x_in = torch.where(self.mask, noised, x)
+        if self.weight == 0 or s == 0:
+            eps = self.inner.eps(x_in, t)
+        else:
+            eps = self._reconstruction_guided(x_in, t, a, s)
         if s == 0:
             return eps
         return torch.where(self.mask, (x - a * self.known) / s, eps)
+
+    def _reconstruction_guided(self, x_in: Tensor, t, a: float, s: float) -> Tensor:
+        """ε̂ of x̂₀_u − (w α/2) ∇_{x,u} ‖x_known − x̂₀_k‖² (x_in's unknown region is the sampler's own x)."""
+        with torch.enable_grad():
+            x_in = x_in.detach().requires_grad_(True)
+            eps = getattr(self.inner, "eps_with_grad", self.inner.eps)(x_in, t)
+            x0 = (x_in - s * eps) / a
+            error = ((x0 - self.known) ** 2 * self.mask).sum()  # a sum of per-sample terms: per-sample gradients
+            (grad,) = torch.autograd.grad(error, x_in)
+        x0 = x0.detach() - (self.weight * a / 2) * grad
+        return (x_in.detach() - a * x0) / s
 
 
 def paste(x: Tensor, known: Tensor, mask: Tensor) -> Tensor:
@@ -91,18 +115,21 @@ def _counting(callback: StepCallback | None, offset: list[int]) -> StepCallback 
 
 
 def inpaint(denoiser, sampler: Sampler, known: Tensor, mask: Tensor, noise: NoiseSource, method: str = "replacement",
-            jump_length: int = 10, resample: int = 10, callback: StepCallback | None = None) -> Tensor:
+            jump_length: int = 10, resample: int = 10, reconstruction_weight: float = 20.0,
+            callback: StepCallback | None = None) -> Tensor:
     """Completions of `known` where mask is False, one per row of `noise` (rows of known/mask repeat as the
     caller lays them out). denoiser: the (guided) Denoiser of the batch's labels. Network evaluations: those
-    of the sampler, × resample for RePaint. callback(k, t, x, x̂₀) once per interval walked (RePaint: once per
+    of the sampler, × resample for RePaint (reconstruction: each with a backward pass, at weight
+    reconstruction_weight). callback(k, t, x, x̂₀) once per interval walked (RePaint: once per
     interval of every repetition)."""
     if method not in METHODS:
         raise DiffuseError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
     schedule = denoiser.schedule
-    wrapped = KnownRegion(denoiser, known, mask, noise)
+    wrapped = KnownRegion(denoiser, known, mask, noise,
+                          reconstruction_weight=reconstruction_weight if method == "reconstruction" else 0.0)
     x = prior_sample(schedule, noise, known.shape[1:])
     grid = sampler.grid(schedule)
-    if method == "replacement":
+    if method in ("replacement", "reconstruction"):
         out = sampler.run(wrapped, x, grid, noise, callback)
         return paste(out, known, mask)
     if not sampler.stochastic:

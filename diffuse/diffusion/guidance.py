@@ -66,6 +66,10 @@ class Denoiser:
     @torch.no_grad()
     def eps(self, x: Tensor, t: Tensor | float) -> Tensor:
         """ε̂(x, t). x: [B, C, *spatial] fp32; t: scalar time (float or 0-d tensor)."""
+        return self.eps_with_grad(x, t)
+
+    def eps_with_grad(self, x: Tensor, t: Tensor | float) -> Tensor:
+        """ε̂(x, t) as `eps`, differentiable in x where autograd is on (reconstruction guidance needs ∂ε̂/∂x)."""
         t = torch.as_tensor(t, dtype=torch.float64)
         b = x.shape[0]
         t_batch = t.to(device=x.device, dtype=torch.float32).expand(b)

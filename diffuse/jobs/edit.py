@@ -1,6 +1,7 @@
 """`diffuse edit`: a trained run used on items of your own (diffusion/editing.py does the math).
 
-  mode=inpaint      fill in where `mask` is False: num_samples completions per input (method replacement | repaint)
+  mode=inpaint      fill in where `mask` is False: num_samples completions per input (method replacement |
+                    reconstruction | repaint)
   mode=img2img      SDEdit: the input noised to t = strength, then the run's sampler (labels=K turns it into class K)
   mode=invert       encode each input to noise along the probability-flow ODE and decode it back
   mode=interpolate  inputs 2k and 2k+1 encoded, their noises slerped over `frames`, each frame decoded
@@ -48,7 +49,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> d
     if cfg.mode not in MODES:
         raise DiffuseError(f"mode must be one of {', '.join(MODES)}; got {cfg.mode!r}")
     device = resolve_device(cfg.device)
-    with torch.inference_mode():
+    with torch.no_grad():  # not inference_mode: reconstruction guidance differentiates through the network
         session = open_run(cfg, device)
         return Edit(cfg, session, device).run(Path(run_dir))
 
@@ -237,6 +238,7 @@ class Edit:
             out = editing.inpaint(self.denoiser(None if labels is None else labels[rows]), self.sampler,
                                   rows_x[rows].to(self.device), rows_mask[rows], noise, method=str(self.cfg.method),
                                   jump_length=int(self.cfg.jump_length), resample=int(self.cfg.resample),
+                                  reconstruction_weight=float(self.cfg.reconstruction_weight),
                                   callback=self._recorder(states))
             outs.append(out.cpu())
             anim.append(states)
