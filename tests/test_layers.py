@@ -14,7 +14,8 @@ ROOT = Path(diffuse.__file__).parent
 # Rank of each top-level module or package of diffuse; a module may import only ranks ≤ its own.
 LAYERS = {
     0: ("errors", "building", "rules", "devices", "dims", "network", "files"),  # foundations: no parts
-    1: ("models", "diffusion", "metrics", "media", "tracking", "fidelity", "storage"),  # networks, math, files
+    1: ("models", "diffusion", "metrics", "memorization", "digit_classifier", "media", "tracking", "fidelity",
+        "storage"),                                                          # networks, math, judges, files
     2: ("data",),                                                           # datasets (below training)
     3: ("training", "validation"),                                          # parts built on those
     4: ("jobs",),                                                           # one module per command
