@@ -119,3 +119,23 @@ def test_evaluate_memorization_on_the_training_items(checkpoint):
     assert "memorization: copy rate 0.000" in proc.stdout
     metrics_path = next(line.split(": ", 1)[1] for line in proc.stdout.splitlines() if line.startswith("metrics: "))
     assert (Path(metrics_path).parent / "memorization.png").is_file()
+
+
+@pytest.mark.slow
+def test_evaluate_digits_judges_mnist_and_refuses_other_shapes(checkpoint, shared_data, tmp_path):
+    """metrics=[digits]: ccexam's classifier on an (untrained, 2-step) MNIST run: the floor is far below the
+    samples' distance, the real ceiling is the classifier's ≈ 0.99; a shapes run is refused before sampling."""
+    root, ckpt = checkpoint
+    refused = run_cli(["evaluate", f"checkpoint={ckpt}", "metrics=[digits]", "num_samples=4", "device=cpu"], root)
+    assert refused.returncode == 1 and "judges MNIST-shaped items [1, 28, 28]; this run's are [1, 8, 8]" in refused.stderr
+    train = [o for o in TINY if not o.startswith(("dataset.resolution", "dataset.size"))]
+    assert run_cli(["train", *train, "dataset=mnist", f"dataset.root={shared_data}", "dataset.split=test",
+                    "trainer.max_steps=2"], tmp_path).returncode == 0
+    mnist_ckpt = next(tmp_path.glob("outputs/*/*/checkpoints/last.ckpt"))
+    proc = run_cli(["evaluate", f"checkpoint={mnist_ckpt}", "metrics=[fd,digits]", "num_samples=200",
+                    "sampler.steps=3", f"data_root={shared_data}", "device=cpu"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (r,) = _metrics(proc.stdout)
+    assert r["digit_fd"] > 1.5 * r["digit_fd_real_vs_real"] > 0  # FD of 128-d features at 200: a biased floor
+    assert 0 <= r["digit_accuracy"] <= 1 and r["digit_accuracy_real"] >= 0.9
+    assert "digit judge (ccexam's MNIST CNN)" in proc.stdout

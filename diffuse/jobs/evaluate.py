@@ -30,6 +30,7 @@ from diffuse.diffusion.guidance import guidance_note
 from diffuse.errors import DiffuseError
 from diffuse.jobs.common import on_rank0, report
 from diffuse.jobs.sampling import open_run, sampling_processes
+from diffuse.digit_classifier import load_digit_classifier
 from diffuse.memorization import DEFAULT_K, DEFAULT_THRESHOLD, memorization
 from diffuse.training.distributed import DistInfo
 
@@ -93,13 +94,42 @@ def label_scores(x: torch.Tensor, labels: torch.Tensor, bank: tuple[torch.Tensor
             "label_bank": len(bank_y)}
 
 
+OWN_METRICS = ("memorization", "digits")  # computed here, beside fd (the Inception ones: fidelity.METRICS)
+
+
+def asked(cfg: DictConfig, name: str) -> bool:
+    names = cfg.get("metrics", ["fd"])
+    return name in ([names] if isinstance(names, str) else list(names or []))
+
+
+def digit_scores(x: torch.Tensor, labels: torch.Tensor | None, real_a: torch.Tensor, real_b: torch.Tensor | None,
+                 real_b_y: torch.Tensor | None, device: torch.device) -> dict:
+    """metrics=[…, digits] on MNIST-shaped items: ccexam's classifier (diffuse/digit_classifier.py, trained by
+    others): its accuracy on the asked class (and on the real second set: the ceiling), and the Fréchet
+    distance of its 128-d penultimate features to the reference set (and real vs real: the floor)."""
+    judge = load_digit_classifier(device)
+
+    def feats(z: torch.Tensor) -> torch.Tensor:
+        return torch.cat([judge.penultimate(z[i:i + 500].to(device)).cpu() for i in range(0, len(z), 500)]).double()
+
+    reference_feats = feats(real_a)
+    out = {"digit_fd": metrics.frechet_distance(feats(x), reference_feats),
+           "digit_fd_real_vs_real": None if real_b is None else metrics.frechet_distance(feats(real_b), reference_feats),
+           "digit_accuracy": None, "digit_accuracy_real": None}
+    if labels is not None:
+        out["digit_accuracy"] = float((judge.predict(x) == labels).float().mean())
+        if real_b is not None:
+            out["digit_accuracy_real"] = float((judge.predict(real_b) == real_b_y).float().mean())
+    return out
+
+
 def metric_names(value) -> tuple[bool, tuple[str, ...]]:
     """`metrics` (a list, or one name) → (random-conv FD wanted, the Inception metrics asked for)."""
     names = [] if value is None else [value] if isinstance(value, str) else [str(v) for v in value]
-    unknown = [v for v in names if v not in ("fd", *fidelity.METRICS, "memorization")]
+    unknown = [v for v in names if v not in ("fd", *fidelity.METRICS, *OWN_METRICS)]
     if unknown:
-        raise DiffuseError(f"metrics: unknown {unknown}; choose from fd, {', '.join(fidelity.METRICS)}, memorization "
-                           f"(e.g. metrics=[fd,fid])")
+        raise DiffuseError(f"metrics: unknown {unknown}; choose from fd, {', '.join(fidelity.METRICS)}, "
+                           f"{', '.join(OWN_METRICS)} (e.g. metrics=[fd,fid])")
     return "fd" in names, tuple(m for m in fidelity.METRICS if m in names)
 
 
@@ -149,10 +179,15 @@ def _run(cfg: DictConfig, run_dir: Path, device: torch.device, dist: DistInfo) -
     n = int(cfg.num_samples)
     if n < 2:
         raise DiffuseError(f"num_samples must be at least 2 (a covariance needs two); got {n}")
+    if asked(cfg, "digits"):
+        on_rank0(load_digit_classifier, dist, share=False)  # its package missing: one line before sampling
     session = open_run(cfg, device, dist)
     saved, sampler = session.run.config, session.plan.sampler
     dataset, (real_a, real_y, real_b, real_b_y) = on_rank0(lambda: reference(cfg, saved, n, inception), dist,
                                                            share=False) or (None, (None,) * 4)
+    if dist.is_main and asked(cfg, "digits") and tuple(real_a.shape[1:]) != (1, 28, 28):
+        raise DiffuseError(f"metrics=digits judges MNIST-shaped items [1, 28, 28]; this run's are "
+                           f"{list(real_a.shape[1:])}")
     labels = class_labels(n, session.num_classes)
     labels = None if labels is None else labels[:n]  # rounded up per class by class_labels; keep n
     out, seconds = session.draw(n, labels, desc=f"evaluate ({type(sampler).__name__})")
@@ -198,8 +233,9 @@ def _run(cfg: DictConfig, run_dir: Path, device: torch.device, dist: DistInfo) -
         result["inception_metric"] = ("torch-fidelity InceptionV3 pool3 (2048-d; precision/recall too) on uint8 RGB, "
                                       "grey replicated, resized to 299 by torch-fidelity; comparable only at equal "
                                       "num_samples and the same weights (inception_weights_sha256)")
-    names = cfg.get("metrics", ["fd"])
-    if "memorization" in ([names] if isinstance(names, str) else list(names or [])):
+    if asked(cfg, "digits"):
+        result.update(digit_scores(x, labels, real_a, real_b, real_b_y, device))
+    if asked(cfg, "memorization"):
         result.update(memorization_scores(cfg, saved, x, run_dir))
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "metrics.json"
@@ -231,6 +267,12 @@ def summary_lines(result: dict, step: int) -> list[str]:
         ceiling = result["label_agreement_real"]
         lines.append(f"  label agreement {result['label_agreement']:.3f}"
                      + ("" if ceiling is None else f" (real images, same rule: {ceiling:.3f})"))
+    if "digit_fd" in result:
+        floor = "" if result["digit_fd_real_vs_real"] is None else f" (real vs real: {result['digit_fd_real_vs_real']:.3f})"
+        accuracy = "" if result["digit_accuracy"] is None else (
+            f"  accuracy on the asked class {result['digit_accuracy']:.3f}"
+            + ("" if result["digit_accuracy_real"] is None else f" (real: {result['digit_accuracy_real']:.3f})"))
+        lines.append(f"  digit judge (ccexam's MNIST CNN): FD of its features {result['digit_fd']:.3f}{floor}{accuracy}")
     if "memorization_copy_rate" in result:
         lines.append(f"  memorization: copy rate {result['memorization_copy_rate']:.3f}, median d1/d{result['memorization_k']}"
                      f" {result['memorization_median_ratio']:.3f} (copy: < {result['memorization_threshold']:.3f}; "
