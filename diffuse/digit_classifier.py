@@ -54,6 +54,17 @@ class DigitClassifier(nn.Module):
         return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
 
 
+class DigitFeatures(nn.Module):
+    """The classifier's 128-d penultimate features as a module's output (metrics.features runs it in batches)."""
+
+    def __init__(self, classifier: DigitClassifier):
+        super().__init__()
+        self.classifier = classifier
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier.penultimate(x)
+
+
 def weights_path() -> Path:
     """The weights file inside the installed ccexam package (located, not imported)."""
     spec = importlib.util.find_spec("ccexam")

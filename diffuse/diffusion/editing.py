@@ -28,21 +28,16 @@ After inpainting, the known region of the output is the input exactly (pasted at
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from diffuse.diffusion.samplers import DDIM, EulerAncestral, NoiseSource, Sampler, StepCallback, prior_sample
+from diffuse.diffusion.samplers import (DDIM, EulerAncestral, NoiseSource, Sampler, StepCallback, _coefs,
+                                        prior_sample)
 from diffuse.errors import DiffuseError
 
 METHODS = ("replacement", "reconstruction", "repaint")
-
-
-def _coefs(schedule, t) -> tuple[float, float]:
-    t = torch.as_tensor(t, dtype=torch.float64)
-    return float(schedule.alpha(t)), float(schedule.sigma(t))
 
 
 class KnownRegion:

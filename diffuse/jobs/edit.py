@@ -150,7 +150,9 @@ class Edit:
             raise DiffuseError(f"labels={label} but the run has {classes} classes (0…{classes - 1})")
         return torch.full((n,), label, dtype=torch.long)
 
-    def denoiser(self, y: Tensor | None) -> Denoiser:
+    def denoiser(self, labels: Tensor | None, rows: slice = slice(None)) -> Denoiser:
+        """The (guided) denoiser for the batch `rows` of `labels`; without labels, the null class unguided."""
+        y = None if labels is None else labels[rows]
         scale = self.plan.guidance_scale if y is not None or self.session.num_classes == 0 else 0.0
         return Denoiser(self.session.model, self.plan.schedule, self.plan.prediction,
                         y=None if y is None else y.to(self.device), guidance_scale=scale,
@@ -235,7 +237,7 @@ class Edit:
         for rows in self.batches(len(rows_x)):
             noise = NoiseSource(range(int(self.cfg.seed) + rows.start, int(self.cfg.seed) + rows.stop), self.device)
             states: list[Tensor] = []
-            out = editing.inpaint(self.denoiser(None if labels is None else labels[rows]), self.sampler,
+            out = editing.inpaint(self.denoiser(labels, rows), self.sampler,
                                   rows_x[rows].to(self.device), rows_mask[rows], noise, method=str(self.cfg.method),
                                   jump_length=int(self.cfg.jump_length), resample=int(self.cfg.resample),
                                   reconstruction_weight=float(self.cfg.reconstruction_weight),
@@ -261,7 +263,7 @@ class Edit:
         for rows in self.batches(len(rows_x)):
             noise = NoiseSource(range(int(self.cfg.seed) + rows.start, int(self.cfg.seed) + rows.stop), self.device)
             states: list[Tensor] = []
-            out, t_start = editing.sdedit(self.denoiser(None if labels is None else labels[rows]), self.sampler,
+            out, t_start = editing.sdedit(self.denoiser(labels, rows), self.sampler,
                                           rows_x[rows].to(self.device), float(self.cfg.strength), noise,
                                           callback=self._recorder(states))
             outs.append(out.cpu())
@@ -280,7 +282,7 @@ class Edit:
     def _encode_to_noise(self, z: Tensor, labels: Tensor | None) -> Tensor:
         out = []
         for rows in self.batches(len(z)):
-            den = self.denoiser(None if labels is None else labels[rows])
+            den = self.denoiser(labels, rows)
             out.append(editing.invert(den, self.sampler, z[rows].to(self.device)).cpu())
         return torch.cat(out)
 
@@ -288,7 +290,7 @@ class Edit:
         grid = self.sampler.grid(self.plan.schedule)
         out = []
         for rows in self.batches(len(noise)):
-            den = self.denoiser(None if labels is None else labels[rows])
+            den = self.denoiser(labels, rows)
             out.append(self.sampler.run(den, noise[rows].to(self.device), grid, None, None).cpu())
         return torch.cat(out)
 

@@ -30,7 +30,7 @@ from diffuse.diffusion.guidance import guidance_note
 from diffuse.errors import DiffuseError
 from diffuse.jobs.common import on_rank0, report
 from diffuse.jobs.sampling import open_run, sampling_processes
-from diffuse.digit_classifier import load_digit_classifier
+from diffuse.digit_classifier import DigitFeatures, load_digit_classifier
 from diffuse.memorization import DEFAULT_K, DEFAULT_THRESHOLD, memorization
 from diffuse.training.distributed import DistInfo
 
@@ -97,24 +97,25 @@ def label_scores(x: torch.Tensor, labels: torch.Tensor, bank: tuple[torch.Tensor
 OWN_METRICS = ("memorization", "digits")  # computed here, beside fd (the Inception ones: fidelity.METRICS)
 
 
+def _metric_list(value) -> list[str]:
+    """`metrics` (a list, or one name) as a list of names."""
+    return [] if value is None else [value] if isinstance(value, str) else [str(v) for v in value]
+
+
 def asked(cfg: DictConfig, name: str) -> bool:
-    names = cfg.get("metrics", ["fd"])
-    return name in ([names] if isinstance(names, str) else list(names or []))
+    return name in _metric_list(cfg.get("metrics", ["fd"]))
 
 
-def digit_scores(x: torch.Tensor, labels: torch.Tensor | None, real_a: torch.Tensor, real_b: torch.Tensor | None,
-                 real_b_y: torch.Tensor | None, device: torch.device) -> dict:
-    """metrics=[…, digits] on MNIST-shaped items: ccexam's classifier (diffuse/digit_classifier.py, trained by
-    others): its accuracy on the asked class (and on the real second set: the ceiling), and the Fréchet
-    distance of its 128-d penultimate features to the reference set (and real vs real: the floor)."""
-    judge = load_digit_classifier(device)
-
-    def feats(z: torch.Tensor) -> torch.Tensor:
-        return torch.cat([judge.penultimate(z[i:i + 500].to(device)).cpu() for i in range(0, len(z), 500)]).double()
-
-    reference_feats = feats(real_a)
-    out = {"digit_fd": metrics.frechet_distance(feats(x), reference_feats),
-           "digit_fd_real_vs_real": None if real_b is None else metrics.frechet_distance(feats(real_b), reference_feats),
+def digit_scores(judge, x: torch.Tensor, labels: torch.Tensor | None, real_a: torch.Tensor,
+                 real_b: torch.Tensor | None, real_b_y: torch.Tensor | None) -> dict:
+    """metrics=[…, digits] on MNIST-shaped items: `judge`, ccexam's classifier (diffuse/digit_classifier.py,
+    trained by others): its accuracy on the asked class (and on the real second set: the ceiling), and the
+    Fréchet distance of its 128-d penultimate features to the reference set (and real vs real: the floor)."""
+    features = DigitFeatures(judge)
+    reference_feats = metrics.features(features, real_a)
+    out = {"digit_fd": metrics.frechet_distance(metrics.features(features, x), reference_feats),
+           "digit_fd_real_vs_real": None if real_b is None else
+           metrics.frechet_distance(metrics.features(features, real_b), reference_feats),
            "digit_accuracy": None, "digit_accuracy_real": None}
     if labels is not None:
         out["digit_accuracy"] = float((judge.predict(x) == labels).float().mean())
@@ -125,7 +126,7 @@ def digit_scores(x: torch.Tensor, labels: torch.Tensor | None, real_a: torch.Ten
 
 def metric_names(value) -> tuple[bool, tuple[str, ...]]:
     """`metrics` (a list, or one name) → (random-conv FD wanted, the Inception metrics asked for)."""
-    names = [] if value is None else [value] if isinstance(value, str) else [str(v) for v in value]
+    names = _metric_list(value)
     unknown = [v for v in names if v not in ("fd", *fidelity.METRICS, *OWN_METRICS)]
     if unknown:
         raise DiffuseError(f"metrics: unknown {unknown}; choose from fd, {', '.join(fidelity.METRICS)}, "
@@ -179,8 +180,8 @@ def _run(cfg: DictConfig, run_dir: Path, device: torch.device, dist: DistInfo) -
     n = int(cfg.num_samples)
     if n < 2:
         raise DiffuseError(f"num_samples must be at least 2 (a covariance needs two); got {n}")
-    if asked(cfg, "digits"):
-        on_rank0(load_digit_classifier, dist, share=False)  # its package missing: one line before sampling
+    # its package missing: one line before sampling; rank 0 keeps the judge for the scoring
+    judge = on_rank0(lambda: load_digit_classifier(device), dist, share=False) if asked(cfg, "digits") else None
     session = open_run(cfg, device, dist)
     saved, sampler = session.run.config, session.plan.sampler
     dataset, (real_a, real_y, real_b, real_b_y) = on_rank0(lambda: reference(cfg, saved, n, inception), dist,
@@ -233,8 +234,8 @@ def _run(cfg: DictConfig, run_dir: Path, device: torch.device, dist: DistInfo) -
         result["inception_metric"] = ("torch-fidelity InceptionV3 pool3 (2048-d; precision/recall too) on uint8 RGB, "
                                       "grey replicated, resized to 299 by torch-fidelity; comparable only at equal "
                                       "num_samples and the same weights (inception_weights_sha256)")
-    if asked(cfg, "digits"):
-        result.update(digit_scores(x, labels, real_a, real_b, real_b_y, device))
+    if judge is not None:
+        result.update(digit_scores(judge, x, labels, real_a, real_b, real_b_y))
     if asked(cfg, "memorization"):
         result.update(memorization_scores(cfg, saved, x, run_dir))
     run_dir.mkdir(parents=True, exist_ok=True)
