@@ -20,6 +20,11 @@ from diffuse.errors import DiffuseError
 TEMP_TAG = ".tmp"
 
 
+def user_cache(*parts: str) -> Path:
+    """$XDG_CACHE_HOME/diffuse/PARTS…, else ~/.cache/diffuse/PARTS…: files we derive once and reuse (never data)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser().joinpath("diffuse", *parts)
+
+
 def temp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}{TEMP_TAG}{os.getpid()}")
 

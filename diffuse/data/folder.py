@@ -45,7 +45,7 @@ from torch import Tensor
 from diffuse.data.vision import InMemoryImages
 from diffuse.devices import to_device
 from diffuse.errors import DiffuseError
-from diffuse.files import atomic_write
+from diffuse.files import atomic_write, user_cache
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ PIL_FORMATS = ("PNG", "JPEG", "WEBP", "BMP")  # what IMAGE_EXTENSIONS promise; P
 
 def home_cache() -> Path:
     """$XDG_CACHE_HOME/diffuse/folder-cache, else ~/.cache/diffuse/folder-cache."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "diffuse" / "folder-cache"
+    return user_cache("folder-cache")
 
 
 # -- the folder's layout ----------------------------------------------------------------------------------

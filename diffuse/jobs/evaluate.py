@@ -223,12 +223,15 @@ def _run(cfg: DictConfig, run_dir: Path, device: torch.device, dist: DistInfo) -
     if want_fd:
         result["metric"] = "FD of fixed random-conv features (diffuse/metrics.py), comparable at equal num_samples only"
     if inception:
-        bar = tqdm(total=2 * n, desc="Inception features (torch-fidelity)", dynamic_ncols=True)
+        floor = real_b if "fid" in inception else None  # FID's real-vs-real floor at the same N, like FD's (None:
+                                                        # the data has too few items for a second real set)
+        bar = tqdm(total=(2 if floor is None else 3) * n, desc="Inception features (torch-fidelity)",
+                   dynamic_ncols=True)
         start = time.perf_counter()
         result.update(fidelity.compute(x, real_a, inception, weights=weights, device=device,
                                        batch_size=cfg.inception_batch_size, kid_subset_size=cfg.kid_subset_size,
                                        kid_subsets=cfg.kid_subsets, prc_neighborhood=cfg.prc_neighborhood,
-                                       progress=bar.update))
+                                       progress=bar.update, real_vs_real=floor))
         bar.close()
         result["inception_seconds"] = round(time.perf_counter() - start, 3)
         result["inception_metric"] = ("torch-fidelity InceptionV3 pool3 (2048-d; precision/recall too) on uint8 RGB, "
@@ -259,7 +262,8 @@ def summary_lines(result: dict, step: int) -> list[str]:
         floor = "" if result.get("fd_real_vs_real") is None else f" (real vs real: {result['fd_real_vs_real']:.3f})"
         lines.append(f"  FD {result['fd']:.3f}{floor}")
     if "inception_metric" in result:
-        parts = [f"FID {result['fid']:.3f}" if "fid" in result else "",
+        fid_floor = f" (real vs real: {result['fid_real_vs_real']:.3f})" if "fid_real_vs_real" in result else ""
+        parts = [f"FID {result['fid']:.3f}{fid_floor}" if "fid" in result else "",
                  f"KID {result['kid_mean']:.5f} ± {result['kid_std']:.5f}" if "kid_mean" in result else "",
                  f"precision {result['precision']:.3f} recall {result['recall']:.3f}" if "precision" in result else ""]
         lines.append(f"  {'  '.join(p for p in parts if p)} (Inception, {n} vs {n} images, "
