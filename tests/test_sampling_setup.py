@@ -9,7 +9,8 @@ from omegaconf import OmegaConf
 
 from diffuse.building import build, check_targets, upgrade_stored_config, upgrade_targets
 from diffuse.errors import DiffuseError
-from diffuse.jobs.sampling_setup import AUTO_GUIDANCE_SCALE, guidance_scale, sampler_config, with_steps
+from diffuse.jobs.sampling_setup import (AUTO_GUIDANCE_SCALE, guidance_scale, run_guidance_scale, sampler_config,
+                                         with_steps)
 
 SAVED = OmegaConf.create({"sampler": {"_target_": "diffuse.diffusion.samplers.DPMSolverPP", "steps": 20,
                                       "spacing": "logsnr", "clip_x0": False}})
@@ -150,3 +151,16 @@ def test_training_samples_and_sample_resolve_precision_by_one_rule(monkeypatch):
         assert grids.autocast_dtype is sample.autocast_dtype is want
     fp16 = compose_cfg("train", [*TINY, "trainer.precision=fp16"])
     assert run_plan(fp16, LinearSchedule(), (1, 8, 8), cpu, model=model).autocast_dtype is torch.float16
+
+
+def test_a_run_whose_data_has_no_classes_samples_unguided():
+    """conditional=true (the default) on a dataset without classes (a flat dataset=folder) trains a network with
+    num_classes 0: auto guidance must be off for it, and an explicit scale refused in one line, not fail inside
+    the sampler."""
+    config = {"conditional": True, "model": {"num_classes": 0}, "trainer": {"cond_drop_prob": 0.1},
+              "guidance": {"scale": "auto"}}
+    assert run_guidance_scale(config, "run") == 0.0
+    assert run_guidance_scale({**config, "model": {"num_classes": 4}}, "run") == AUTO_GUIDANCE_SCALE
+    with pytest.raises(DiffuseError) as e:
+        run_guidance_scale(config, "run", scale=3.0)
+    assert "\n" not in str(e.value)

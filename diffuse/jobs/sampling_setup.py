@@ -55,7 +55,14 @@ def run_guidance_scale(config, run: str, scale=None) -> float:
     if scale is None or scale == "auto":
         scale = (config.get("guidance") or {}).get("scale", "auto")
     cond_drop_prob = float((config.get("trainer") or {}).get("cond_drop_prob") or 0.0)
-    return guidance_scale(scale, bool(config.get("conditional")), cond_drop_prob, run)
+    return guidance_scale(scale, takes_classes(config), cond_drop_prob, run)
+
+
+def takes_classes(config) -> bool:
+    """Whether the run's network takes class labels: conditional=true *and* a model with classes. A dataset
+    without classes (a flat `dataset=folder`, shapes with num_classes=0) leaves num_classes 0 whatever
+    `conditional` says, and such a run samples unguided."""
+    return bool(config.get("conditional")) and int((config.get("model") or {}).get("num_classes") or 0) > 0
 
 
 def with_steps(node, guidance: float):
