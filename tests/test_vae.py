@@ -14,6 +14,7 @@ from diffuse.data.shapes import ShapesDataset
 from diffuse.models.attention import MultiHeadAttention
 from diffuse.models.vae import (SD_SCALE_FACTOR, VAE, VAEAttentionBlock, VAEDecoder, VAEEncoder, VAELoss,
                                 kl_divergence, reparameterize)
+from diffuse.storage import diffusers_format
 
 TINY = dict(latent_channels=4, channels=8, channel_mult=(1, 2), num_res_blocks=1)
 
@@ -45,25 +46,6 @@ def test_sd_parameter_count_is_sd_vae():
     assert sum(p.numel() for p in VAE().parameters()) == 83_653_863
 
 
-_RENAMES = [  # diffusers AutoencoderKL → ours, applied in order (q/k/v are merged separately)
-    ("mid_block.resnets.0", "mid.res1"), ("mid_block.resnets.1", "mid.res2"),
-    ("mid_block.attentions.0.group_norm", "mid.attn.norm"), ("mid_block.attentions.0.to_out.0", "mid.attn.attn.out"),
-    ("mid_block.attentions.0.", "mid.attn.attn."), ("down_blocks", "down"), ("up_blocks", "up"),
-    (".resnets.", ".blocks."), ("downsamplers.0", "resample"), ("upsamplers.0", "resample"),
-    ("conv_shortcut", "skip"), ("conv_norm_out", "norm_out"),
-]
-
-
-def _diffusers_to_ours(name: str) -> str:
-    if name.startswith("quant_conv"):
-        return "encoder." + name
-    if name.startswith("post_quant_conv"):
-        return "decoder." + name
-    for a, b in _RENAMES:
-        name = name.replace(a, b)
-    return name
-
-
 @torch.no_grad()
 def test_layout_matches_diffusers_autoencoderkl():
     """Loaded with diffusers' weights, our VAE gives diffusers' posterior and reconstruction: same layout."""
@@ -74,17 +56,7 @@ def test_layout_matches_diffusers_autoencoderkl():
                                   up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1,
                                   latent_channels=4, norm_num_groups=32).eval()
     ours = VAE(in_channels=3, latent_channels=4, channels=32, channel_mult=(1, 2), num_res_blocks=1).eval()
-    theirs = ref.state_dict()
-    mapped = {}
-    for name, value in theirs.items():
-        if ".to_k." in name or ".to_v." in name:
-            continue
-        if ".to_q." in name:
-            k, v = theirs[name.replace("to_q", "to_k")], theirs[name.replace("to_q", "to_v")]
-            mapped[_diffusers_to_ours(name.replace("to_q", "to_kv"))] = torch.cat([k, v])
-        mapped[_diffusers_to_ours(name)] = value
-    for part in ("encoder", "decoder"):
-        mapped[f"{part}.scale_factor"] = torch.tensor(SD_SCALE_FACTOR)
+    mapped = diffusers_format.vae_weights(ref.state_dict(), SD_SCALE_FACTOR)  # the mapping latent.vae=FOLDER uses
     ours.load_state_dict(mapped, strict=True)
     x = torch.rand(2, 3, 16, 16) * 2 - 1
     dist = ref.encode(x).latent_dist

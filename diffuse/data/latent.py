@@ -1,7 +1,8 @@
 """Latent diffusion (Rombach et al. 2022): train and sample any diffusion model in the latent space of a
-frozen VAE trained by `diffuse train-vae`.
+frozen VAE trained by `diffuse train-vae`, or a pretrained diffusers AutoencoderKL folder (SD's VAE).
 
     diffuse train latent.vae=outputs/…/checkpoints/last.ckpt dataset=mnist model=unet …
+    diffuse train latent.vae=/models/sd-vae-ft-mse dataset=folder dataset.path=/data/pets dataset.resolution=256
     diffuse sample                     # decodes to data space by itself
 
 This module is the data side: `LatentDataset` (items are a frozen VAE's scaled latents of another dataset's
@@ -30,6 +31,7 @@ from diffuse.devices import resolve_device, to_device
 from diffuse.errors import DiffuseError
 from diffuse.models.vae import VAE, check_vae_fits_data
 from diffuse.storage.checkpoint import load_checkpoint
+from diffuse.storage.diffusers_format import is_diffusers_folder, read_autoencoder_kl
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +54,16 @@ def vae_from_record(record: dict, device: torch.device | str = "cpu") -> VAE:
 
 
 def read_vae_checkpoint(path: str | Path) -> dict:
-    """A `diffuse train-vae` checkpoint → the record to embed: path, step, config, (EMA) weights."""
+    """A `diffuse train-vae` checkpoint, or a diffusers AutoencoderKL folder (e.g. a local copy of
+    stabilityai/sd-vae-ft-mse), → the record to embed: path, step, config, (EMA) weights."""
     path = Path(path).expanduser()
+    if is_diffusers_folder(path):
+        try:
+            record = read_autoencoder_kl(path)
+            vae_from_record(record)  # the weights must fit the config: refused here, not mid-run
+        except DiffuseError as e:
+            raise DiffuseError(f"latent.vae: {e}") from None
+        return record
     try:
         state = load_checkpoint(path, kind="vae")  # vetted: its config builds only our classes
     except DiffuseError as e:

@@ -74,7 +74,8 @@ def export_metadata(state: dict, weights: str, source: str) -> dict:
         "cond_drop_prob": float((config.get("trainer") or {}).get("cond_drop_prob") or 0.0),
         "latent": _portable(config.get("latent")),
         "files": {"model": WEIGHTS, "vae": VAE_WEIGHTS if vae else None},
-        "vae": {"config": vae["config"], "step": int(vae.get("step", 0)), "source": Path(str(vae.get("path", ""))).name}
+        "vae": {"config": vae["config"], "step": None if vae.get("step") is None else int(vae["step"]),  # None:
+                "source": Path(str(vae.get("path", ""))).name}                        # a pretrained one
         if vae else None,
     }
 
