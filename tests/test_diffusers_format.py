@@ -129,3 +129,127 @@ def test_a_latent_run_trains_samples_and_exports_with_a_diffusers_vae(vae_folder
     proc = run_cli(["sample", f"checkpoint={tmp_path / 'export'}", "num_samples=2", "sampler.steps=3", "device=cpu"],
                    tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+# ----- model=diffusers_unet: diffusers' UNet2DModel, our samplers against diffusers' pipelines --------------------
+
+def _unet(**overrides) -> "diffusers.UNet2DModel":
+    torch.manual_seed(0)
+    kw = dict(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
+              down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+              norm_num_groups=8, attention_head_dim=8)
+    unet = diffusers.UNet2DModel(**{**kw, **overrides}).eval()
+    with torch.no_grad():  # diffusers' init leaves conv_out near zero: give ε̂ some size, so samples differ
+        for p in unet.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return unet
+
+
+@pytest.fixture(scope="module")
+def unet_folder(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("ddpm") / "unet"
+    _unet().save_pretrained(folder)
+    return folder
+
+
+def _ours(folder: Path):
+    from diffuse.models.diffusers_unet import DiffusersUNet
+    arch = diffusers_format.unet_architecture(folder)
+    for key in ("in_channels", "out_channels", "num_class_embeds", "sample_size"):
+        arch.pop(key)
+    model = DiffusersUNet(in_channels=3, num_timesteps=1000, **arch).eval()
+    model.load_state_dict(diffusers_format.unet_weights(folder))
+    return model
+
+
+@pytest.mark.parametrize("kind,spacing", [("ddim", "trailing"), ("ddim", "leading"), ("dpm_solver", "trailing")])
+@torch.no_grad()
+def test_our_samplers_on_a_diffusers_unet_equal_diffusers_pipelines(unet_folder, kind, spacing):
+    """The same UNet, the same noise: our DDIM (η = 0) / DPM-Solver++(2M) on our linear schedule against
+    diffusers' DDIMPipeline / DPMSolverMultistepScheduler loop, 10 steps, to 1e-4. Timestep i of diffusers is
+    our t = (i + 1)/T: DiffusersUNet feeds the network t·T − 1."""
+    from diffuse.diffusion.guidance import Denoiser
+    from diffuse.diffusion.samplers import DDIM, DPMSolverPP
+    from diffuse.diffusion.schedules import LinearSchedule
+    unet = diffusers.UNet2DModel.from_pretrained(unet_folder).eval()
+    steps, shape = 10, (2, 3, 8, 8)
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    common = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
+                  timestep_spacing=spacing, prediction_type="epsilon")
+    if kind == "ddim":
+        scheduler = diffusers.DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=True)
+        pipe = diffusers.DDIMPipeline(unet=unet, scheduler=scheduler)
+        image = pipe(batch_size=2, generator=torch.Generator().manual_seed(3), eta=0.0, num_inference_steps=steps,
+                     output_type="np").images  # [B, H, W, C] in [0, 1]: the same noise, drawn by the pipeline
+        theirs = torch.from_numpy(image).permute(0, 3, 1, 2) * 2 - 1
+        sampler = DDIM(steps=steps, spacing=spacing, eta=0.0)
+    else:
+        scheduler = diffusers.DPMSolverMultistepScheduler(**common, algorithm_type="dpmsolver++", solver_order=2,
+                                                          final_sigmas_type="zero")
+        scheduler.set_timesteps(steps)
+        x = noise.clone()
+        for t in scheduler.timesteps:
+            x = scheduler.step(unet(x, t).sample, t, x).prev_sample
+        theirs = x
+        sampler = DPMSolverPP(steps=steps, spacing=spacing)
+    ours = sampler(Denoiser(_ours(unet_folder), LinearSchedule(), "eps"), noise.clone())
+    if kind == "ddim":
+        ours = ours.clamp(-1, 1)  # the pipeline's output is clamped to the image range
+    assert ours.abs().max() > 0.1 and (ours - noise).abs().max() > 0.1  # a real run, not the input back
+    # DPM-Solver++ works in x̂₀ = (x − σ ε̂)/α: a random network's ε̂ is no noise estimate, so x̂₀ and the samples
+    # reach ~400 here and float32 leaves ~1e-4 of them; relative to that scale the two agree to 1e-6
+    torch.testing.assert_close(ours, theirs.float(), atol=1e-4, rtol=0 if kind == "ddim" else 1e-6)
+
+
+def test_model_time_is_the_diffusers_timestep():
+    from diffuse.models.diffusers_unet import DiffusersUNet
+    model = DiffusersUNet(in_channels=3, num_timesteps=1000, block_out_channels=(32,), down_block_types=("DownBlock2D",),
+                          up_block_types=("UpBlock2D",))
+    t = (torch.tensor([0, 99, 999]) + 1).float() / 1000
+    assert model.timestep(t).tolist() == [0.0, 99.0, 999.0]  # exact on the grid, whatever float error t has
+    assert model.timestep(torch.tensor([0.0905])).item() == pytest.approx(89.5)  # between steps: interpolated
+    continuous = DiffusersUNet(in_channels=3, num_timesteps=None, block_out_channels=(32,),
+                               down_block_types=("DownBlock2D",), up_block_types=("UpBlock2D",))
+    assert continuous.timestep(torch.tensor([0.25])).item() == 250.0
+
+
+@pytest.mark.parametrize("changes,words", [
+    ({"_class_name": "UNet1DModel"}, "not an UNet2DModel"),
+    ({"class_embed_type": "timestep"}, "class_embed_type"),
+    ({"addition_embed_type": "text"}, "does not take"),
+])
+def test_a_unet_folder_of_another_kind_is_refused(unet_folder, tmp_path, changes, words):
+    folder = _copy_with(unet_folder, tmp_path / "other", **changes)
+    with pytest.raises(DiffuseError) as e:
+        diffusers_format.unet_architecture(folder)
+    assert "\n" not in str(e.value) and words in str(e.value)
+
+
+@pytest.mark.slow
+def test_fine_tune_a_diffusers_checkpoint_then_sample_it_in_one_command(unet_folder, tmp_path):
+    """`diffuse train model=diffusers_unet model.pretrained=FOLDER …` starts from the folder's weights with its
+    architecture (the stored config names no folder to read again); sampling it with DPM-Solver++ at 20 steps is
+    one command; a resumed run continues it."""
+    from safetensors.torch import load_file
+    from diffuse.storage.checkpoint import load_checkpoint
+    common = ["dataset.resolution=8", "dataset.channels=3", "dataset.size=16", "conditional=false", "logger=none", "device=cpu",
+              "trainer.batch_size=2", "trainer.sample_every=0", "trainer.final_animation=false",
+              "objective.prediction=eps", "objective.weighting=none"]
+    proc = run_cli(["train", "model=diffusers_unet", f"model.pretrained={unet_folder}", "trainer.max_steps=2",
+                    "trainer.lr=1e-12", *common], tmp_path)  # Adam moves each weight by ~lr: still the folder's
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (ckpt,) = (tmp_path / "outputs").glob("*/*/checkpoints/last.ckpt")
+    state = load_checkpoint(ckpt)
+    assert state["config"]["model"]["pretrained"] is None and state["config"]["model"]["block_out_channels"] == [32, 64]
+    assert state["config"]["initialized_from"]["source"] == "diffusers UNet2DModel"
+    theirs = load_file(str(unet_folder / diffusers_format.WEIGHTS[0]))
+    for name, value in theirs.items():
+        torch.testing.assert_close(state["model"]["unet." + name], value, atol=1e-8, rtol=0)
+    proc = run_cli(["sample", f"checkpoint={ckpt}", "sampler=dpm_solver", "sampler.steps=20", "num_samples=2",
+                    "device=cpu"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "DPMSolverPP" in proc.stdout + proc.stderr
+    proc = run_cli(["train", f"resume={ckpt.parent.parent}", "trainer.max_steps=3", "logger=none", "device=cpu"],
+                   tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert load_checkpoint(ckpt)["step"] == 3

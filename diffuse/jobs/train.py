@@ -23,7 +23,7 @@ from diffuse.jobs.latent_space import use_latent_space
 from diffuse.jobs.sampling_setup import resolved_sampler, run_guidance_scale, sampling_plan
 from diffuse.training.callbacks import Grids, Measurement
 from diffuse.training.heldout import HeldOutLoss
-from diffuse.training.init_weights import start_from_weights
+from diffuse.training.init_weights import start_from_weights, use_pretrained_unet
 from diffuse.training.loop import Trainer
 from diffuse.training.sample_grids import SampleGrids
 from diffuse.training.sample_quality import SampleQuality
@@ -126,6 +126,8 @@ def _train(cfg, run_dir, state, device, dist) -> dict:
     loss, sample quality, grids); fit; report."""
     settings = TrainerSettings.from_config(cfg.trainer)
     use_latent_space(cfg)  # latent.vae=PATH: cfg.dataset becomes that VAE's latents of the data
+    if state is None:
+        use_pretrained_unet(cfg)  # model.pretrained=PATH: its architecture into cfg.model, its weights init_from
     model = build_model(cfg, state, dist.is_main).to(device)
     record = None
     if state is not None and is_latent_run(cfg):  # the VAE the checkpoint carries, never a path it names

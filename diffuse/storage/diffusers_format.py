@@ -1,4 +1,5 @@
-"""diffusers' folder format, read into our classes: a pretrained `AutoencoderKL` as our SD-layout VAE.
+"""diffusers' folder format, read into our classes: a pretrained `AutoencoderKL` as our SD-layout VAE, and a
+`UNet2DModel` as the architecture and weights of `model=diffusers_unet`.
 
     FOLDER/config.json                           {"_class_name": "AutoencoderKL", "block_out_channels": […], …}
     FOLDER/diffusion_pytorch_model.safetensors   its weights (or .bin: read with weights_only=True)
@@ -10,6 +11,9 @@ installed, and a latent checkpoint embeds the VAE as it embeds one from `diffuse
 Reading never runs code: config.json is JSON, checked key by key (only AutoencoderKL, only the values our layout
 reproduces: SiLU, 32 groups, the standard down/up blocks, quant convs, no shift); the weights are tensors only.
 The scaling factor is the config's `scaling_factor` (SD: 0.18215).
+
+A UNet2DModel folder gives `model=diffusers_unet` its architecture (`unet_architecture`: UNet2DModel's keys,
+which the model takes under the same names) and its weights (`unet_weights`: diffusers' names under "unet.").
 """
 
 from __future__ import annotations
@@ -160,3 +164,49 @@ def read_autoencoder_kl(path: str | Path) -> dict:
     node = vae_config(config, str(folder))
     return {"path": str(folder.resolve()), "step": None, "source": f"diffusers {VAE_CLASS}", "config": node,
             "weights": vae_weights(read_weights(folder), node["scale_factor"])}
+
+
+# ----- UNet2DModel ---------------------------------------------------------------------------------------------
+UNET_CLASS = "UNet2DModel"
+UNET_PREFIX = "unet."  # DiffusersUNet holds the UNet2DModel as .unet
+_UNET_ARCHITECTURE = {"block_out_channels", "layers_per_block", "down_block_types", "up_block_types",
+                      "attention_head_dim", "norm_num_groups", "norm_eps", "dropout", "freq_shift", "flip_sin_to_cos",
+                      "center_input_sample", "add_attention", "mid_block_scale_factor", "downsample_padding",
+                      "act_fn", "resnet_time_scale_shift", "time_embedding_type"}
+_UNET_DEFAULTS = {"class_embed_type": None, "mid_block_type": "UNetMidBlock2D", "downsample_type": "conv",
+                  "upsample_type": "conv", "time_embedding_dim": None, "attn_norm_num_groups": None}
+_UNET_OTHER = {"in_channels", "out_channels", "num_class_embeds", "sample_size", "num_train_timesteps"}
+
+
+def unet_architecture(path: str | Path) -> dict:
+    """A diffusers UNet2DModel folder's config → {model key: value} for `model=diffusers_unet`, plus
+    in_channels, out_channels, num_class_embeds and sample_size as the folder has them (for the caller to check
+    against the data). One line for a key or value our model does not take."""
+    folder = _folder(path)
+    config = read_config(folder, UNET_CLASS)
+    unknown = sorted(k for k in config if not k.startswith("_")
+                     and k not in (*_UNET_ARCHITECTURE, *_UNET_DEFAULTS, *_UNET_OTHER))
+    if unknown:
+        raise DiffuseError(f"{folder}: UNet2DModel keys model=diffusers_unet does not take: {unknown}")
+    for key, value in _UNET_DEFAULTS.items():
+        if config.get(key, value) != value:
+            raise DiffuseError(f"{folder}: {key}={config[key]!r}; model=diffusers_unet builds only {value!r}")
+    out = {k: config[k] for k in _UNET_ARCHITECTURE if k in config}
+    out.update({k: config.get(k) for k in ("in_channels", "out_channels", "num_class_embeds", "sample_size")})
+    return out
+
+
+def unet_weights(path: str | Path) -> dict[str, Tensor]:
+    """A diffusers UNet2DModel folder's weights under DiffusersUNet's names (tensors only)."""
+    folder = _folder(path)
+    read_config(folder, UNET_CLASS)
+    return {UNET_PREFIX + k: v for k, v in read_weights(folder).items()}
+
+
+def is_unet_folder(path: str | Path) -> bool:
+    if not is_diffusers_folder(path):
+        return False
+    try:
+        return json.loads((_folder(path) / CONFIG).read_text()).get("_class_name") == UNET_CLASS
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return False

@@ -1,7 +1,8 @@
 """`init_from=PATH`: start a NEW run from another run's weights (fine-tuning, new data, more classes).
 
 PATH is a diffuse checkpoint (file, or a run folder: its checkpoints/last.ckpt), a `diffuse export` folder
-(model.safetensors) or a bare .safetensors file. Checkpoints are read through `load_checkpoint` (weights_only,
+(model.safetensors), a bare .safetensors file, or a diffusers UNet2DModel folder (for model=diffusers_unet;
+`model.pretrained=PATH` is that, with the folder's architecture too: `use_pretrained_unet`). Checkpoints are read through `load_checkpoint` (weights_only,
 vetted); safetensors hold tensors only. Nothing is built from the file's config: only its weights are
 copied, tensor by tensor, into the model the new run's config built. Optimizer, LR schedule, EMA and step
 start fresh (the EMA copies the model after this, so it starts from the loaded weights). Unlike `resume`,
@@ -18,6 +19,7 @@ from omegaconf import DictConfig, open_dict
 
 from diffuse.errors import DiffuseError
 from diffuse.storage.checkpoint import load_checkpoint
+from diffuse.storage.diffusers_format import is_unet_folder, unet_architecture, unet_weights
 from diffuse.storage.export import WEIGHTS, is_export, load_tensors, read_metadata
 
 log = logging.getLogger(__name__)
@@ -32,6 +34,9 @@ def read_weights(path: str | Path, which: str = "ema", allow_targets=()) -> tupl
     if which not in WHICH:
         raise DiffuseError(f"init_weights must be one of {', '.join(WHICH)}; got {which!r}")
     p = Path(str(path)).expanduser()
+    if is_unet_folder(p):
+        return unet_weights(p), {"path": str(p.resolve()), "source": "diffusers UNet2DModel", "weights": "stored",
+                                 "step": None}
     if p.is_dir():
         if is_export(p) or (p / WEIGHTS).is_file():
             meta = read_metadata(p, allow_targets) if (p / "config.json").is_file() else {}
@@ -119,3 +124,30 @@ def start_from_weights(model: torch.nn.Module, cfg: DictConfig, is_main: bool = 
         cfg.initialized_from = {k: report[k] for k in ("path", "source", "weights", "step", "skipped")}
         cfg.init_from = None
     return report
+
+
+def use_pretrained_unet(cfg: DictConfig) -> None:
+    """`model=diffusers_unet model.pretrained=PATH` (in place, before the model is built): the folder's
+    architecture replaces the model's keys, its weights become `init_from`, and `pretrained` is cleared, so the
+    run's stored config describes the network fully and never names the folder to read again."""
+    pretrained = cfg.model.get("pretrained")
+    if not pretrained:
+        return
+    if cfg.get("init_from"):
+        raise DiffuseError(f"model.pretrained={pretrained} and init_from={cfg.init_from}: choose one start")
+    arch = unet_architecture(pretrained)
+    channels = int(cfg.dataset.channels)
+    for key in ("in_channels", "out_channels"):
+        if arch[key] is not None and int(arch[key]) != channels:
+            raise DiffuseError(f"model.pretrained={pretrained}: its {key} is {arch[key]}, the data has {channels} "
+                               f"channels (dataset.channels)")
+    classes = int(cfg.model.get("num_classes") or 0)
+    if arch["num_class_embeds"] not in (None, classes + 1 if classes else None) and not cfg.get("init_skip_mismatched"):
+        raise DiffuseError(f"model.pretrained={pretrained}: it embeds {arch['num_class_embeds']} classes, this run "
+                           f"{classes} + the null class; init_skip_mismatched=true starts the class embedding afresh")
+    with open_dict(cfg):
+        for key in ("in_channels", "out_channels", "num_class_embeds", "sample_size"):
+            arch.pop(key)
+        cfg.model.update(arch)
+        cfg.model.pretrained = None
+        cfg.init_from = str(Path(str(pretrained)).expanduser().resolve())
