@@ -253,3 +253,68 @@ def test_fine_tune_a_diffusers_checkpoint_then_sample_it_in_one_command(unet_fol
                    tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert load_checkpoint(ckpt)["step"] == 3
+
+
+@pytest.mark.slow
+def test_export_for_diffusers_round_trips_to_the_same_samples(unet_folder, tmp_path):
+    """train 3 steps → `diffuse export format=diffusers` → DDIMPipeline.from_pretrained (no diffuse code) gives
+    the samples `diffuse sample` gives with DDIM on the same noise, to 1e-4; the folder has a model card."""
+    common = ["dataset.resolution=8", "dataset.channels=3", "dataset.size=16", "conditional=false", "logger=none",
+              "device=cpu", "trainer.batch_size=2", "trainer.sample_every=0", "trainer.final_animation=false",
+              "objective.prediction=eps", "objective.weighting=none"]
+    proc = run_cli(["train", "model=diffusers_unet", f"model.pretrained={unet_folder}", "trainer.max_steps=3",
+                    *common], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (ckpt,) = (tmp_path / "outputs").glob("*/*/checkpoints/last.ckpt")
+    out = tmp_path / "pipeline"
+    proc = run_cli(["export", f"checkpoint={ckpt}", "format=diffusers", f"out={out}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert {p.name for p in out.iterdir()} >= {"unet", "scheduler", "model_index.json", "README.md"}
+    assert "DDPMPipeline.from_pretrained" in (out / "README.md").read_text()
+    proc = run_cli(["sample", f"checkpoint={ckpt}", "sampler=ddim", "sampler.steps=10", "sampler.spacing=trailing",
+                    "num_samples=2", "seed=0", "device=cpu"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ours = torch.from_numpy(np.load(next((tmp_path / "outputs").glob("*/*/samples.npz")))["x"])
+
+    from diffuse.diffusion.samplers import NoiseSource, prior_sample
+    from diffuse.diffusion.schedules import LinearSchedule
+    noise = prior_sample(LinearSchedule(), NoiseSource(range(2)), (3, 8, 8))  # `diffuse sample seed=0`'s start
+    pipe = diffusers.DDIMPipeline.from_pretrained(out)
+    pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config, set_alpha_to_one=True)
+    pipe.scheduler.set_timesteps(10)
+    x = noise.clone()
+    with torch.no_grad():
+        for t in pipe.scheduler.timesteps:
+            x = pipe.scheduler.step(pipe.unet(x, t).sample, t, x, eta=0.0).prev_sample
+    torch.testing.assert_close(ours, x.clamp(-1, 1), atol=1e-4, rtol=0)
+
+
+def test_export_for_diffusers_refuses_other_models_in_one_line(tmp_path):
+    from conftest import TINY
+    proc = run_cli(["train", *TINY, "trainer.max_steps=1"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_cli(["export", "format=diffusers", f"out={tmp_path / 'x'}"], tmp_path)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1 and "model=diffusers_unet" in lines[0], proc.stderr
+
+
+def test_scheduler_configs_give_our_schedules_tables():
+    from diffuse.diffusion.schedules import CosineSchedule, LinearSchedule
+    for ours, node in [(LinearSchedule(), {"_target_": "diffuse.diffusion.schedules.LinearSchedule"}),
+                       (CosineSchedule(), {"_target_": "diffuse.diffusion.schedules.CosineSchedule"})]:
+        config = diffusers_format.scheduler_config({"schedule": node, "objective": {"prediction": "v"}})
+        theirs = diffusers.DDPMScheduler(**config)
+        assert config["prediction_type"] == "v_prediction"
+        torch.testing.assert_close(theirs.alphas_cumprod.double(), ours.alphas_cumprod, atol=1e-6, rtol=0)
+    with pytest.raises(DiffuseError, match="no diffusers scheduler"):
+        diffusers_format.scheduler_config({"schedule": {"_target_": "diffuse.diffusion.schedules.VESDESchedule"}})
+
+
+@torch.no_grad()
+def test_our_vae_written_as_autoencoder_kl_decodes_the_same(vae_folder):
+    record = read_vae_checkpoint(vae_folder)
+    ours = vae_from_record(record)
+    theirs = diffusers_format.to_autoencoder_kl(record["config"], ours.state_dict()).eval()
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(theirs.decode(z / SCALE).sample, ours.decode(z), atol=1e-5, rtol=1e-5)
+    assert theirs.config.scaling_factor == SCALE

@@ -210,3 +210,102 @@ def is_unet_folder(path: str | Path) -> bool:
         return json.loads((_folder(path) / CONFIG).read_text()).get("_class_name") == UNET_CLASS
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
         return False
+
+
+# ----- writing: a run as a diffusers pipeline folder -----------------------------------------------------------
+DIFFUSERS_UNET = "diffuse.models.diffusers_unet.DiffusersUNet"
+PREDICTION_TYPES = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
+VARIANCE_TYPES = {"beta": "fixed_large", "posterior": "fixed_small"}  # DDPM's σ² = β_t | β̃_t
+
+
+def scheduler_config(config: dict) -> dict:
+    """A run's schedule (+ objective, sampler) as DDPMScheduler's keys: the same ᾱ table, prediction and
+    variance. One line for a schedule diffusers has no scheduler for."""
+    schedule = config["schedule"]
+    target = str(schedule.get("_target_", ""))
+    name = target.rsplit(".", 1)[-1]
+    T = int(schedule.get("num_timesteps") or 1000)
+    if name == "LinearSchedule":
+        betas = {"beta_schedule": "linear", "beta_start": float(schedule.get("beta_start", 1e-4)),
+                 "beta_end": float(schedule.get("beta_end", 0.02))}
+    elif name == "CosineSchedule" and float(schedule.get("s", 0.008)) == 0.008 \
+            and float(schedule.get("max_beta", 0.999)) == 0.999:
+        betas = {"beta_schedule": "squaredcos_cap_v2"}  # Nichol & Dhariwal's, with their s and β cap
+    else:
+        raise DiffuseError(f"format=diffusers: the schedule {name} ({target}) has no diffusers scheduler (linear, "
+                           f"and cosine with s=0.008, max_beta=0.999, do); export it with format=diffuse")
+    prediction = str((config.get("objective") or {}).get("prediction", "eps"))
+    sampler = config.get("sampler") or {}
+    return {"num_train_timesteps": T, **betas, "prediction_type": PREDICTION_TYPES[prediction],
+            "variance_type": VARIANCE_TYPES.get(str(sampler.get("variance", "beta")), "fixed_large"),
+            "clip_sample": False, "timestep_spacing": "trailing"}
+
+
+def unet_config(config: dict) -> dict:
+    """A diffusers_unet run's model node → UNet2DModel's constructor keys."""
+    model = config["model"]
+    if model.get("_target_") != DIFFUSERS_UNET:
+        raise DiffuseError(f"format=diffusers needs a model with a diffusers counterpart (model=diffusers_unet); "
+                           f"this run's is {model.get('_target_')}: export it with format=diffuse")
+    channels = int(model["in_channels"])
+    classes = int(model.get("num_classes") or 0)
+    arch = {k: model[k] for k in _UNET_ARCHITECTURE if k in model}
+    for key in ("block_out_channels", "down_block_types", "up_block_types"):
+        arch[key] = tuple(arch[key])
+    return {**arch, "in_channels": channels, "out_channels": int(model.get("out_channels") or channels),
+            "sample_size": int((config.get("dataset") or {}).get("resolution") or 32),
+            "num_class_embeds": classes + 1 if classes else None}
+
+
+def autoencoder_kl_config(vae: dict) -> dict:
+    """Our VAE's config node → AutoencoderKL's constructor keys (the inverse of vae_config)."""
+    if int(vae.get("dim", 2)) != 2:
+        raise DiffuseError(f"format=diffusers: AutoencoderKL is 2-D; this VAE is {vae.get('dim')}-D")
+    widths = tuple(int(vae["channels"]) * int(m) for m in vae["channel_mult"])
+    if any(w % 32 for w in widths) or int(vae.get("attn_heads", 1)) != 1:
+        raise DiffuseError(f"format=diffusers: AutoencoderKL uses 32 groups and one attention head; this VAE has "
+                           f"widths {list(widths)}, {vae.get('attn_heads')} heads")
+    return {"in_channels": int(vae["in_channels"]), "out_channels": int(vae["in_channels"]),
+            "latent_channels": int(vae["latent_channels"]), "block_out_channels": widths,
+            "down_block_types": ("DownEncoderBlock2D",) * len(widths), "up_block_types": ("UpDecoderBlock2D",) * len(widths),
+            "layers_per_block": int(vae["num_res_blocks"]), "norm_num_groups": 32,
+            "mid_block_add_attention": bool(vae.get("attention", True)), "scaling_factor": float(vae["scale_factor"])}
+
+
+def to_autoencoder_kl(vae_node: dict, weights: dict[str, Tensor]):
+    """Our VAE (config node + state dict) as a diffusers AutoencoderKL with the same weights."""
+    import diffusers
+    theirs = diffusers.AutoencoderKL(**autoencoder_kl_config(vae_node))
+    state = {}
+    for name in theirs.state_dict():
+        if ".to_k." in name or ".to_v." in name:
+            kv = weights[vae_weight_name(name.replace("to_k", "to_kv").replace("to_v", "to_kv"))]
+            k, v = kv.chunk(2)
+            state[name] = k if ".to_k." in name else v
+        else:
+            state[name] = weights[vae_weight_name(name)]
+    theirs.load_state_dict(state)
+    return theirs
+
+
+def write_pipeline(folder: Path, config: dict, weights: dict[str, Tensor], vae: dict | None) -> dict[str, Path]:
+    """FOLDER/{unet, scheduler[, vae]}/ + model_index.json, as DDPMPipeline.from_pretrained reads them (the VAE,
+    for latent runs, as AutoencoderKL.from_pretrained(FOLDER/vae) reads it). Needs diffusers."""
+    try:
+        import diffusers
+    except ImportError:
+        raise DiffuseError("format=diffusers needs diffusers: pip install diffusers") from None
+    unet = diffusers.UNet2DModel(**unet_config(config))
+    unet.load_state_dict({k[len(UNET_PREFIX):]: v for k, v in weights.items() if k.startswith(UNET_PREFIX)})
+    scheduler = diffusers.DDPMScheduler(**scheduler_config(config))
+    paths = {"unet": folder / "unet", "scheduler": folder / "scheduler"}
+    unet.save_pretrained(paths["unet"])
+    scheduler.save_pretrained(paths["scheduler"])
+    if vae is not None:
+        paths["vae"] = folder / "vae"
+        to_autoencoder_kl(vae["config"], vae["weights"]).save_pretrained(paths["vae"])
+    index = {"_class_name": "DDPMPipeline", "_diffusers_version": diffusers.__version__,
+             "scheduler": ["diffusers", "DDPMScheduler"], "unet": ["diffusers", "UNet2DModel"]}
+    paths["model_index"] = folder / "model_index.json"
+    paths["model_index"].write_text(json.dumps(index, indent=2) + "\n")
+    return paths
