@@ -57,7 +57,7 @@ JOBS = {
              "batch_size": Int(1), "precision": PRECISION, "use_ema": BOOL, "view": Choice("slices", "mip"),
              "animation.enabled": BOOL, "animation.frames": Int(2), "animation.fps": Int(1),
              "animation.format": Choice("gif", "mp4"), "animation.hold": Float(0)},
-    "export": {"use_ema": BOOL, "format": Choice("diffuse", "diffusers")},
+    "export": {"use_ema": BOOL, "format": Choice("diffuse", "diffusers"), "push_private": BOOL},
     "stored": {**GUIDANCE, "dim": Choice(1, 2, 3), "conditional": BOOL, "objective.prediction": Choice("eps", "x0", "v"),
                "objective.weighting": Choice("none", "min_snr"), "objective.min_snr_gamma": POSITIVE},
 }

@@ -30,6 +30,7 @@ from diffuse.data.base import Dataset, heldout_of
 from diffuse.devices import resolve_device, to_device
 from diffuse.errors import DiffuseError
 from diffuse.models.vae import VAE, check_vae_fits_data
+from diffuse.storage import hub
 from diffuse.storage.checkpoint import load_checkpoint
 from diffuse.storage.diffusers_format import is_diffusers_folder, read_autoencoder_kl
 
@@ -56,7 +57,7 @@ def vae_from_record(record: dict, device: torch.device | str = "cpu") -> VAE:
 def read_vae_checkpoint(path: str | Path) -> dict:
     """A `diffuse train-vae` checkpoint, or a diffusers AutoencoderKL folder (e.g. a local copy of
     stabilityai/sd-vae-ft-mse), → the record to embed: path, step, config, (EMA) weights."""
-    path = Path(path).expanduser()
+    path = Path(hub.local(str(path))).expanduser()  # hf://…: downloaded, then read as a local path
     if is_diffusers_folder(path):
         try:
             record = read_autoencoder_kl(path)

@@ -18,6 +18,7 @@ from diffuse.devices import resolve_device
 from diffuse.dims import check_dim, item_shape
 from diffuse.errors import DiffuseError
 from diffuse.tracking import Tracker
+from diffuse.storage import hub
 from diffuse.storage.checkpoint import KINDS, latest_run, load_checkpoint, run_folder_of, run_kind
 from diffuse.training.distributed import broadcast_object, cleanup, init_distributed
 from diffuse.training.loop import Run, Trainer
@@ -242,7 +243,7 @@ def find_checkpoint(spec: str | None, kind: str = "diffusion", for_resume: bool 
             raise DiffuseError(f"the newest {JOB_OF_KIND[kind]} run, {run}, stopped before its first checkpoint: "
                                "nothing to resume there; pass resume=PATH for another run, or start afresh")
         return path
-    path = Path(spec).expanduser()
+    path = Path(hub.local(spec)).expanduser()  # hf://…: downloaded, then read as a local path
     if path.suffix == ".safetensors" and is_export(path.parent):  # the export's weights file: its folder
         path = path.parent
     if path.is_dir():

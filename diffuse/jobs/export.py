@@ -25,6 +25,7 @@ from diffuse.errors import DiffuseError
 from diffuse.jobs.common import find_checkpoint, report
 from diffuse.storage.checkpoint import load_checkpoint, run_folder_of
 from diffuse.training.distributed import launched_rank_world
+from diffuse.storage import hub
 from diffuse.storage.diffusers_format import write_pipeline
 from diffuse.storage.export import write_export
 from diffuse.storage.model_card import find_metrics, latest_grid, model_card
@@ -71,6 +72,9 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> d
     paths["card"].write_text(model_card(state["config"], int(state["step"]), source, fmt, find_metrics(run, path),
                                         paths["grid"].name if grid is not None else None))
     log.info("exported %s (step %d) → %s (%s)", path, int(state["step"]), out, fmt)
+    if cfg.get("push_to_hub"):
+        paths["hub"] = hub.push(out, str(cfg.push_to_hub), private=bool(cfg.get("push_private", True)))
+        log.info("pushed %s → %s", out, paths["hub"])
     report(*(f"{name}: {p}" for name, p in paths.items()), f"export: {out}")
     return {"checkpoint": str(path), "step": int(state["step"]), "export": str(out),
             **{k: str(v) for k, v in paths.items()}}

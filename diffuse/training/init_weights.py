@@ -18,6 +18,7 @@ import torch
 from omegaconf import DictConfig, open_dict
 
 from diffuse.errors import DiffuseError
+from diffuse.storage import hub
 from diffuse.storage.checkpoint import load_checkpoint
 from diffuse.storage.diffusers_format import is_unet_folder, unet_architecture, unet_weights
 from diffuse.storage.export import WEIGHTS, is_export, load_tensors, read_metadata
@@ -33,7 +34,7 @@ def read_weights(path: str | Path, which: str = "ema", allow_targets=()) -> tupl
     an export or a .safetensors file holds one set, used whatever `which` says)."""
     if which not in WHICH:
         raise DiffuseError(f"init_weights must be one of {', '.join(WHICH)}; got {which!r}")
-    p = Path(str(path)).expanduser()
+    p = Path(str(hub.local(str(path)))).expanduser()  # hf://…: downloaded, then read as a local path
     if is_unet_folder(p):
         return unet_weights(p), {"path": str(p.resolve()), "source": "diffusers UNet2DModel", "weights": "stored",
                                  "step": None}
@@ -135,6 +136,7 @@ def use_pretrained_unet(cfg: DictConfig) -> None:
         return
     if cfg.get("init_from"):
         raise DiffuseError(f"model.pretrained={pretrained} and init_from={cfg.init_from}: choose one start")
+    pretrained = hub.local(str(pretrained))  # hf://…: downloaded, then read as a local folder
     arch = unet_architecture(pretrained)
     channels = int(cfg.dataset.channels)
     for key in ("in_channels", "out_channels"):
