@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from diffuse.diffusion import masks
-from diffuse.diffusion.editing import (KnownRegion, inpaint, interpolation_weights, invert, sdedit, sdedit_grid,
+from diffuse.diffusion.editing import (KnownRegion, infer_labels, inpaint, interpolation_weights, invert, sdedit, sdedit_grid,
                                        slerp, slerp_path)
 from diffuse.diffusion.samplers import DDIM, DDPM, DPMSolverPP, EulerAncestral, Heun, NoiseSource, sample
 from diffuse.diffusion.schedules import CosineSchedule
@@ -278,3 +278,42 @@ def test_mask_files_and_the_latent_grid(tmp_path):
     coarse = masks.to_grid(torch.from_numpy(array)[None, None], (4, 4))
     # a latent cell is known only where all the pixels it covers are: columns 0 (pixels 0, 1) only
     assert coarse[0, 0, :, 0].all() and not coarse[0, 0, :, 1:].any()
+
+
+class ClassMeansDenoiser:
+    """Exact ε̂ for class c's data ~ N(μ_c, τ² I) ([B, 1, L]): ε̂ = σ (x − α μ_c) / (α² τ² + σ²)."""
+
+    def __init__(self, schedule, means, y, tau=0.3):
+        self.schedule, self.means, self.y, self.tau, self.nfe = schedule, means, y, tau, 0
+
+    def eps(self, x, t):
+        self.nfe += 1
+        t = torch.as_tensor(t, dtype=torch.float64)
+        a, s = float(self.schedule.alpha(t)), float(self.schedule.sigma(t))
+        return s * (x - a * self.means[self.y]) / (a * a * self.tau ** 2 + s * s)
+
+
+def test_infer_labels_reads_the_class_from_the_known_region_only():
+    """Four classes whose means differ only in the first half of the signal; the inputs keep that half and have
+    noise elsewhere. The diffusion classifier on the known half finds the class (the exact ε̂ makes it the
+    maximum-likelihood choice); on the half where the classes agree it cannot, and guesses."""
+    schedule = CosineSchedule()
+    g = torch.Generator().manual_seed(0)
+    means = torch.zeros(4, 1, L)
+    means[:, :, : L // 2] = torch.randn(4, 1, L // 2, generator=g) * 1.5
+    y = torch.arange(64) % 4
+    x = means[y] + 0.3 * torch.randn(64, 1, L, generator=g)
+    x[:, :, L // 2:] = torch.randn(64, 1, L - L // 2, generator=g) * 3  # the unknown half: junk
+    calls = []
+
+    def denoiser_for(labels):
+        calls.append(1)
+        return ClassMeansDenoiser(schedule, means, labels)
+
+    known = torch.zeros(1, 1, L, dtype=torch.bool)
+    known[..., : L // 2] = True
+    found = infer_labels(denoiser_for, x, known, 4, NoiseSource(range(64)))
+    assert torch.equal(found, y)
+    assert len(calls) == 1 + 4 * 3  # the schedule's, then classes × noise levels
+    blind = infer_labels(denoiser_for, x, ~known, 4, NoiseSource(range(64)))
+    assert (blind == y).float().mean() < 0.6  # the other half says nothing of the class

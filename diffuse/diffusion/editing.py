@@ -22,6 +22,9 @@ probability-flow ODE up the grid. Masks (masks.py) are bool [B|1, 1, *spatial], 
                does the same). Decoding is the sampler run down from x_T.
   slerp        spherical interpolation of two noises (Shoemake 1985), which keeps the norm a Gaussian
                sample has, as the DDIM paper interpolates latents.
+  infer_labels for a class-conditional run given inputs without labels: each input's class read from its known
+               region by the run's own network, as the diffusion classifier of Li et al. 2023 ("Your diffusion
+               model is secretly a zero-shot classifier") does: the class whose ε̂ best predicts the noise added.
 
 After inpainting, the known region of the output is the input exactly (pasted at t = 0).
 """
@@ -38,6 +41,28 @@ from diffuse.diffusion.samplers import (DDIM, EulerAncestral, NoiseSource, Sampl
 from diffuse.errors import DiffuseError
 
 METHODS = ("replacement", "reconstruction", "repaint")
+INFER_TIMES = (0.5, 0.5, 0.5)  # labels=infer: noise levels t_k (fresh noise each); mid-range t separates digits best
+
+
+def infer_labels(denoiser_for: Callable[[Tensor], object], known: Tensor, mask: Tensor, num_classes: int,
+                 noise: NoiseSource, times=INFER_TIMES) -> Tensor:
+    """[B] classes of the inputs `known` [B, C, *S] from their known region (mask True), by the diffusion
+    classifier (Li et al. 2023) on those pixels only:
+        ĉ = argmin_c Σ_k ‖mask ⊙ (ε̂(α_k x + σ_k ε_k, t_k | c) − ε_k)‖²,
+    the same noises ε_k (drawn from `noise`, a row per input) for every class, so the classes are compared on
+    equal terms. denoiser_for(labels [B]) gives the unguided Denoiser of those labels. num_classes · len(times)
+    network passes per input."""
+    schedule = denoiser_for(torch.zeros(len(known), dtype=torch.long, device=known.device)).schedule
+    m = mask.to(known.dtype).expand_as(known)
+    errors = torch.zeros(len(known), num_classes, device=known.device)
+    for t in times:
+        t = torch.as_tensor(float(t), dtype=torch.float64)
+        eps = noise.randn(known.shape[1:]).to(known.dtype)
+        xt = schedule.alpha(t).float() * known + schedule.sigma(t).float() * eps
+        for c in range(num_classes):
+            labels = torch.full((len(known),), c, dtype=torch.long, device=known.device)
+            errors[:, c] += ((denoiser_for(labels).eps(xt, t) - eps) ** 2 * m).flatten(1).sum(1)
+    return errors.argmin(1)
 
 
 class KnownRegion:

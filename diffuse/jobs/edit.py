@@ -135,6 +135,9 @@ class Edit:
         if not classes:
             return None
         choice = self.cfg.labels
+        if str(choice) == "infer":
+            raise DiffuseError(f"labels=infer reads each input's class from what is known of it: mode=inpaint or "
+                               f"img2img, not {self.cfg.mode}")
         if str(choice) == "input":
             if y is None:
                 log.info("the inputs carry no labels: the outputs are drawn for the null class (labels=K picks one)")
@@ -145,10 +148,39 @@ class Edit:
         try:
             label = int(choice)
         except (TypeError, ValueError):
-            raise DiffuseError(f"labels must be input or a class index 0…{classes - 1}; got {choice!r}") from None
+            raise DiffuseError(f"labels must be input, infer or a class index 0…{classes - 1}; got {choice!r}") \
+                from None
         if not 0 <= label < classes:
             raise DiffuseError(f"labels={label} but the run has {classes} classes (0…{classes - 1})")
         return torch.full((n,), label, dtype=torch.long)
+
+    def inferred_labels(self, z: Tensor, known: Tensor) -> Tensor | None:
+        """labels=infer: each input's class from its known region (editing.infer_labels: the run's network as a
+        diffusion classifier, num_classes × 3 passes per input), [n]; None for an unconditional run. Its noise
+        draws with seeds after all the outputs' (seed + outputs + i for input i)."""
+        classes = self.session.num_classes
+        if not classes:
+            log.info("labels=infer: the run is unconditional; nothing to infer")
+            return None
+        out, first = [], int(self.cfg.seed) + len(z) * int(self.cfg.num_samples)
+        for rows in self.batches(len(z)):
+            noise = NoiseSource(range(first + rows.start, first + rows.stop), self.device)
+            mask = known[rows] if len(known) == len(z) else known
+            out.append(editing.infer_labels(self._unguided, z[rows].to(self.device), mask.to(self.device),
+                                            classes, noise).cpu())
+        labels = torch.cat(out)
+        log.info("labels=infer: classes %s", labels.tolist()[:16])
+        return labels
+
+    def _unguided(self, labels: Tensor) -> Denoiser:
+        return Denoiser(self.session.model, self.plan.schedule, self.plan.prediction, y=labels, guidance_scale=0.0,
+                        autocast_dtype=self.plan.autocast_dtype)
+
+    def _labels_for(self, z: Tensor, known: Tensor, rows_y: Tensor | None, k: int) -> Tensor | None:
+        if str(self.cfg.labels) == "infer":
+            inferred = self.inferred_labels(z, known)
+            return None if inferred is None else inferred.repeat_interleave(k)
+        return self.labels(rows_y, len(z) * k)
 
     def denoiser(self, labels: Tensor | None, rows: slice = slice(None)) -> Denoiser:
         """The (guided) denoiser for the batch `rows` of `labels`; without labels, the null class unguided."""
@@ -232,7 +264,7 @@ class Edit:
         latent_mask = masks.to_grid(data_mask, z.shape[2:])
         rows_x, rows_y, k = self._repeated(z, y)
         rows_mask = latent_mask.repeat_interleave(k, 0)
-        labels = self.labels(rows_y, len(rows_x))
+        labels = self._labels_for(z, latent_mask, rows_y, k)
         outs, anim = [], []
         for rows in self.batches(len(rows_x)):
             noise = NoiseSource(range(int(self.cfg.seed) + rows.start, int(self.cfg.seed) + rows.stop), self.device)
@@ -257,8 +289,9 @@ class Edit:
 
     def img2img(self, x: Tensor, y: Tensor | None) -> dict:
         n = len(x)
-        rows_x, rows_y, k = self._repeated(self.encode(x), y)
-        labels = self.labels(rows_y, len(rows_x))
+        z = self.encode(x)
+        rows_x, rows_y, k = self._repeated(z, y)
+        labels = self._labels_for(z, torch.ones(1, 1, *z.shape[2:], dtype=torch.bool), rows_y, k)
         outs, anim, t_start = [], [], 1.0
         for rows in self.batches(len(rows_x)):
             noise = NoiseSource(range(int(self.cfg.seed) + rows.start, int(self.cfg.seed) + rows.stop), self.device)

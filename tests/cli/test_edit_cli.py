@@ -117,6 +117,7 @@ def test_bad_inputs_are_one_line(run, tmp_path):
         (["mode=invert", "sampler=ddpm"], "need a deterministic sampler; DDPM draws noise"),
         (["mode=interpolate", "input.count=1"], "give at least 2 inputs"),
         (["labels=9"], r"labels=9 but the run has 4 classes"),
+        (["mode=interpolate", "labels=infer"], "labels=infer reads each input's class .* not interpolate"),
         (["mode=blend"], "mode must be one of inpaint, img2img, invert, interpolate"),
     ]
     for args, message in cases:
@@ -126,3 +127,16 @@ def test_bad_inputs_are_one_line(run, tmp_path):
         lines = [line for line in res.stderr.splitlines() if line.strip()]
         assert any(re.search(message, line) for line in lines), (args, res.stderr[-1500:])
     assert not list(tmp_path.glob("outputs/*/*/edits.npz"))  # nothing written by a refused edit
+
+
+def test_labels_inferred_from_the_known_region(run, tmp_path):
+    dim, ckpt = run
+    if dim != 2:
+        pytest.skip("the inference does not depend on the dim (tests/test_editing.py checks it)")
+    for mode in ("inpaint", "img2img"):
+        res, paths = _edit(ckpt, tmp_path, f"mode={mode}", "labels=infer")
+        _ok(res)
+        labels = np.load(paths["edits"])["labels"]
+        assert labels.shape == (3, 2) and (labels[:, 0] == labels[:, 1]).all()  # one class per input
+        assert ((0 <= labels) & (labels < 4)).all()
+        assert "labels=infer: classes" in res.stdout + res.stderr
