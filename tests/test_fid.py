@@ -188,9 +188,10 @@ def test_evaluate_writes_inception_metrics(trained, weights):
     assert proc.returncode == 0, proc.stderr[-3000:]
     path = Path(proc.stdout.split("metrics: ", 1)[1].splitlines()[0])
     r = json.loads((root / path).read_text())
-    for key in ("fd", "fid", "kid_mean", "kid_std", "precision", "recall"):
+    for key in ("fd", "fid", "kid_mean", "kid_std", "prc_precision", "prc_recall"):
         assert math.isfinite(r[key]), key
     assert r["fid"] > 0 and r["num_samples"] == 6 and r["kid_subset_size"] == 6
+    assert r["precision"] == "fp32"  # the network's number format, not overwritten by precision/recall's
     assert r["inception_weights"] == str(weights.resolve()) and len(r["inception_weights_sha256"]) == 64
     assert "FID " in proc.stdout and "KID " in proc.stdout and "precision " in proc.stdout
 

@@ -228,10 +228,12 @@ def _run(cfg: DictConfig, run_dir: Path, device: torch.device, dist: DistInfo) -
         bar = tqdm(total=(2 if floor is None else 3) * n, desc="Inception features (torch-fidelity)",
                    dynamic_ncols=True)
         start = time.perf_counter()
-        result.update(fidelity.compute(x, real_a, inception, weights=weights, device=device,
-                                       batch_size=cfg.inception_batch_size, kid_subset_size=cfg.kid_subset_size,
-                                       kid_subsets=cfg.kid_subsets, prc_neighborhood=cfg.prc_neighborhood,
-                                       progress=bar.update, real_vs_real=floor))
+        scores = fidelity.compute(x, real_a, inception, weights=weights, device=device,
+                                  batch_size=cfg.inception_batch_size, kid_subset_size=cfg.kid_subset_size,
+                                  kid_subsets=cfg.kid_subsets, prc_neighborhood=cfg.prc_neighborhood,
+                                  progress=bar.update, real_vs_real=floor)
+        # precision/recall of Kynkäänniemi et al. as prc_*: "precision" is the network's number format here
+        result.update({("prc_" + k if k in ("precision", "recall") else k): v for k, v in scores.items()})
         bar.close()
         result["inception_seconds"] = round(time.perf_counter() - start, 3)
         result["inception_metric"] = ("torch-fidelity InceptionV3 pool3 (2048-d; precision/recall too) on uint8 RGB, "
@@ -265,7 +267,8 @@ def summary_lines(result: dict, step: int) -> list[str]:
         fid_floor = f" (real vs real: {result['fid_real_vs_real']:.3f})" if "fid_real_vs_real" in result else ""
         parts = [f"FID {result['fid']:.3f}{fid_floor}" if "fid" in result else "",
                  f"KID {result['kid_mean']:.5f} ± {result['kid_std']:.5f}" if "kid_mean" in result else "",
-                 f"precision {result['precision']:.3f} recall {result['recall']:.3f}" if "precision" in result else ""]
+                 f"precision {result['prc_precision']:.3f} recall {result['prc_recall']:.3f}"
+                 if "prc_precision" in result else ""]
         lines.append(f"  {'  '.join(p for p in parts if p)} (Inception, {n} vs {n} images, "
                      f"weights {result['inception_weights']}, sha256 {result['inception_weights_sha256'][:8]})")
     if result["label_agreement"] is not None:

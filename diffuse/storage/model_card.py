@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-SHOWN_METRICS = ("fid", "fid_real_vs_real", "fd", "fd_real_vs_real", "kid_mean", "precision", "recall",
+SHOWN_METRICS = ("fid", "fid_real_vs_real", "fd", "fd_real_vs_real", "kid_mean", "prc_precision", "prc_recall",
                  "digit_accuracy", "label_agreement", "memorization_copy_rate")
 
 
