@@ -49,6 +49,7 @@ def main() -> None:
     ap.add_argument("--sdedit-n", type=int, default=500)
     ap.add_argument("--out", default="benchmarks/results/editing_mnist.md")
     ap.add_argument("--inpaint-only", action="store_true", help="the inpainting table alone")
+    ap.add_argument("--only", default=None, help="inpainting rows whose name contains this (e.g. labels=infer)")
     ap.add_argument("--run-label", default="the default recipe `diffuse train dataset=mnist`",
                     help="how the table names the run")
     args = ap.parse_args()
@@ -92,6 +93,8 @@ def main() -> None:
         (f"replacement, the run's dpm_solver 10, true label (w {AUTO_GUIDANCE_SCALE})", own(10),
          {"method": "replacement"}, True, AUTO_GUIDANCE_SCALE, 20),
     ]
+    if args.only:
+        configs = [c for c in configs if args.only in c[0]]
     for name, sampler, kw, labelled, scale, passes in configs:
         outs, start, inferred = [], time.perf_counter(), []
         for s in range(0, args.n, BATCH):
