@@ -105,11 +105,14 @@ step cifar10_train $((CIFAR_MINUTES * 60 + 60)) python3 -m diffuse train experim
     dataset.root="$CIFAR_ROOT" $CIFAR_SIZE trainer.max_time="$CIFAR_MINUTES" trainer.sample_every=0 \
     trainer.val_every=0 trainer.final_animation=false hydra.run.dir="$OUT/run_cifar10"
 grep -o "[0-9.]* *it/s" "$OUT/cifar10_train.log" | tail -n 1 | sed 's/^/cifar10 steps: /' | tee -a "$OUT/summary.txt"
-if [ "$CIFAR_REAL" = 1 ] || [ "$QUICK" = 1 ]; then
-    (cd "$OUT/run_cifar10" && step cifar10_fid_dpm 240 python3 -m diffuse evaluate "metrics=[fd,fid]" \
-        num_samples="$CIFAR_FID_N" sampler=dpm_solver sampler.steps=20 device="$DEVICE")
-    (cd "$OUT/run_cifar10" && step cifar10_fid_ddpm1000 240 python3 -m diffuse evaluate "metrics=[fd,fid]" \
-        num_samples=$((CIFAR_FID_N / 5)) device="$DEVICE")
+if [ "$CIFAR_REAL" = 1 ] || [ "$QUICK" = 1 ]; then  # evaluate reads the real images from $DIFFUSE_DATA
+    CIFAR_DDPM_N=$((CIFAR_FID_N / 5 > 2 ? CIFAR_FID_N / 5 : 2))
+    DIFFUSE_DATA="$CIFAR_ROOT" step cifar10_fid_dpm 240 python3 -m diffuse evaluate "metrics=[fd,fid]" \
+        checkpoint="$OUT/run_cifar10" num_samples="$CIFAR_FID_N" sampler=dpm_solver sampler.steps=20 \
+        device="$DEVICE" hydra.run.dir="$OUT/eval_cifar10_dpm"
+    DIFFUSE_DATA="$CIFAR_ROOT" step cifar10_fid_ddpm1000 240 python3 -m diffuse evaluate "metrics=[fd,fid]" \
+        checkpoint="$OUT/run_cifar10" num_samples="$CIFAR_DDPM_N" device="$DEVICE" \
+        hydra.run.dir="$OUT/eval_cifar10_ddpm1000" $([ "$QUICK" = 1 ] && echo sampler.steps=4)
 fi
 fi
 cat "$OUT/summary.txt"
