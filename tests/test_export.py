@@ -39,7 +39,11 @@ def exported(tmp_path_factory):
 
 def test_export_loads_with_safetensors_and_the_model_class_alone(exported):
     _, ckpt, folder = exported
-    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    names = {p.name for p in folder.iterdir()}
+    assert {"config.json", "model.safetensors", "README.md"} <= names <= {"config.json", "model.safetensors",
+                                                                         "README.md", "samples.png"}
+    card = (folder / "README.md").read_text()  # the model card: what it is, how to load it
+    assert "step 3" in card and "diffuse sample checkpoint=FOLDER" in card and "LinearSchedule" in card
     # the README's snippet: no diffuse checkpoint code involved
     from diffuse.models.unet import UNet
     cfg = json.loads((folder / "config.json").read_text())
