@@ -27,7 +27,7 @@ from diffuse.storage.checkpoint import load_checkpoint, run_folder_of
 from diffuse.training.distributed import launched_rank_world
 from diffuse.storage import hub
 from diffuse.storage.diffusers_format import write_pipeline
-from diffuse.storage.export import write_export
+from diffuse.storage.export import chosen_weights, write_export
 from diffuse.storage.model_card import find_metrics, latest_grid, model_card
 from diffuse.jobs.sampling_setup import run_guidance_scale, with_steps
 
@@ -59,8 +59,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> d
     source = str(path.resolve().relative_to(run.parent)) if run is not None else path.name
     fmt = str(cfg.get("format") or "diffuse")
     if fmt == "diffusers":
-        which = "ema" if cfg.use_ema and isinstance(state.get("ema"), dict) else "raw"
-        weights = state["ema"]["model"] if which == "ema" else state["model"]
+        _, weights = chosen_weights(state, bool(cfg.use_ema))
         paths = write_pipeline(out, state["config"], weights, state.get(CHECKPOINT_KEY))
     else:
         paths = write_export(out, state, use_ema=bool(cfg.use_ema), source=source)

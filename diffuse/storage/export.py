@@ -80,6 +80,12 @@ def export_metadata(state: dict, weights: str, source: str) -> dict:
     }
 
 
+def chosen_weights(state: dict, use_ema: bool = True) -> tuple[str, dict]:
+    """("ema" | "raw", that state dict) of a diffusion checkpoint: the EMA weights when asked for and present."""
+    which = "ema" if use_ema and isinstance(state.get("ema"), dict) else "raw"
+    return which, state["ema"]["model"] if which == "ema" else state["model"]
+
+
 def write_export(folder: str | Path, state: dict, use_ema: bool = True, source: str = "") -> dict[str, Path]:
     """A diffusion checkpoint's `state` (as load_checkpoint returns it; latent runs carry their VAE record)
     → FOLDER/model.safetensors (+ vae.safetensors) + config.json, each written atomically. Returns the paths."""
@@ -90,8 +96,7 @@ def write_export(folder: str | Path, state: dict, use_ema: bool = True, source: 
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise DiffuseError(f"cannot write the export to {folder}: {e.strerror or e}") from None
-    which = "ema" if use_ema and isinstance(state.get("ema"), dict) else "raw"
-    weights = state["ema"]["model"] if which == "ema" else state["model"]
+    which, weights = chosen_weights(state, use_ema)
     meta = export_metadata(state, which, source)
     paths = {"model": folder / WEIGHTS}
     tag = {"format": "pt", "producer": FORMAT}
