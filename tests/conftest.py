@@ -82,9 +82,17 @@ def smallest_resolution(overrides: tuple[str, ...]) -> int:
     raise AssertionError(f"{' '.join(overrides)}: the model accepts none of the resolutions 8, 16, 32, 64")
 
 
+def model_takes_labels(name: str, dim: int) -> bool:
+    """Whether the class behind conf/model/NAME.yaml takes class labels at DIM (its `label_free_dims` say where
+    not: diffusers' UNet1DModel has no class embedding)."""
+    from diffuse.building import part_class
+    return dim not in getattr(part_class(_group_node("model", name)["_target_"]), "label_free_dims", ())
+
+
 def model_overrides(name: str, dim: int) -> list[str]:
-    """`model=NAME dim=DIM` at the YAML's sizes, on the smallest resolution the model accepts."""
-    args = (f"model={name}", f"dim={dim}")
+    """`model=NAME dim=DIM` at the YAML's sizes, on the smallest resolution the model accepts (and
+    conditional=false where it takes no labels)."""
+    args = (f"model={name}", f"dim={dim}") + (() if model_takes_labels(name, dim) else ("conditional=false",))
     return [*args, f"dataset.resolution={smallest_resolution(args)}"]
 
 

@@ -13,13 +13,16 @@ import torch
 from diffuse.building import build
 from diffuse.errors import DiffuseError
 
-from conftest import MODEL_CASES, MODEL_IDS, compose_cfg, conf_choices, model_dims, model_overrides, one_adam_step
+from conftest import (MODEL_CASES, MODEL_IDS, compose_cfg, conf_choices, model_dims, model_overrides, model_takes_labels,
+                      one_adam_step)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest's
 
 
 def _built(name: str, dim: int, conditional: bool = True):
-    """The model as `diffuse train model=NAME dim=DIM` builds it, and the [C, *spatial] shape of its data."""
+    """The model as `diffuse train model=NAME dim=DIM` builds it, and the [C, *spatial] shape of its data
+    (conditional where the model takes labels at that dim)."""
+    conditional = conditional and model_takes_labels(name, dim)
     cfg = compose_cfg("train", [*model_overrides(name, dim), f"conditional={str(conditional).lower()}"])
     model = build(cfg.model, "model")
     return model, (int(cfg.dataset.channels), *[int(cfg.dataset.resolution)] * dim)
@@ -46,6 +49,14 @@ def test_model_contract(name, dim):
         out = model(x, t, y)
         assert torch.isfinite(out).all()
         assert not torch.allclose(out, model(x, t.flip(0), y)), "the output does not depend on t"
+    if not model_takes_labels(name, dim):  # declared label-free here: a conditional run is refused in one line
+        cfg = compose_cfg("train", [*model_overrides(name, dim), "conditional=true"])
+        with pytest.raises(DiffuseError) as e:
+            build(cfg.model, "model")
+        assert "\n" not in str(e.value) and "conditional=false" in str(e.value)
+        assert model.num_classes == 0 and model.null_class is None
+        return
+    with torch.no_grad():
         assert model.num_classes > 0 and model.null_class == model.num_classes
         assert not torch.allclose(out, model(x, t, y.flip(0))), "the output does not depend on the label"
         null = model(x, t, torch.full_like(y, model.null_class))  # the null class guidance reads

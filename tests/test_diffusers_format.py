@@ -16,7 +16,7 @@ from diffuse.data.latent import read_vae_checkpoint, vae_from_record
 from diffuse.errors import DiffuseError
 from diffuse.storage import diffusers_format
 
-from conftest import run_cli
+from conftest import compose_cfg, run_cli
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -154,10 +154,8 @@ def unet_folder(tmp_path_factory) -> Path:
 
 def _ours(folder: Path):
     from diffuse.models.diffusers_unet import DiffusersUNet
-    arch = diffusers_format.unet_architecture(folder)
-    for key in ("in_channels", "out_channels", "num_class_embeds", "sample_size"):
-        arch.pop(key)
-    model = DiffusersUNet(in_channels=3, num_timesteps=1000, **arch).eval()
+    arch, facts = diffusers_format.unet_architecture(folder)
+    model = DiffusersUNet(in_channels=facts["in_channels"], num_timesteps=1000, **arch).eval()
     model.load_state_dict(diffusers_format.unet_weights(folder))
     return model
 
@@ -214,7 +212,7 @@ def test_model_time_is_the_diffusers_timestep():
 
 
 @pytest.mark.parametrize("changes,words", [
-    ({"_class_name": "UNet1DModel"}, "not an UNet2DModel"),
+    ({"_class_name": "UNet2DConditionModel"}, "not an UNet2DModel or UNet1DModel"),
     ({"class_embed_type": "timestep"}, "class_embed_type"),
     ({"addition_embed_type": "text"}, "does not take"),
 ])
@@ -286,6 +284,100 @@ def test_export_for_diffusers_round_trips_to_the_same_samples(unet_folder, tmp_p
     with torch.no_grad():
         for t in pipe.scheduler.timesteps:
             x = pipe.scheduler.step(pipe.unet(x, t).sample, t, x, eta=0.0).prev_sample
+    torch.testing.assert_close(ours, x.clamp(-1, 1), atol=1e-4, rtol=0)
+
+
+def _unet1d() -> "diffusers.UNet1DModel":
+    torch.manual_seed(0)
+    unet = diffusers.UNet1DModel(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(32, 64),
+                                 down_block_types=("DownResnetBlock1D",) * 2, up_block_types=("UpResnetBlock1D",),
+                                 mid_block_type="MidResTemporalBlock1D", out_block_type="OutConv1DBlock",
+                                 time_embedding_type="positional", use_timestep_embedding=True, norm_num_groups=8,
+                                 act_fn="silu").eval()
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return unet
+
+
+@pytest.fixture(scope="module")
+def unet1d_folder(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("ddpm1d") / "unet"
+    _unet1d().save_pretrained(folder)
+    return folder
+
+
+@torch.no_grad()
+def test_a_1d_diffusers_unet_samples_as_diffusers_ddim_does(unet1d_folder):
+    """model=diffusers_unet dim=1 is diffusers' UNet1DModel: its folder reads as dim 1 with the folder's keys, its
+    weights load one to one, and our DDIM on the same noise equals diffusers' DDIMScheduler loop to 1e-4."""
+    from diffuse.diffusion.guidance import Denoiser
+    from diffuse.diffusion.samplers import DDIM
+    from diffuse.diffusion.schedules import LinearSchedule
+    arch, facts = diffusers_format.unet_architecture(unet1d_folder)
+    assert arch["dim"] == 1 and arch["mid_block_type"] == "MidResTemporalBlock1D" and facts["in_channels"] == 1
+    assert facts["num_class_embeds"] is None
+    assert diffusers_format.unet_class_of(unet1d_folder) == "UNet1DModel"
+    from diffuse.models.diffusers_unet import DiffusersUNet
+    ours = DiffusersUNet(in_channels=1, num_timesteps=1000, **arch).eval()
+    ours.load_state_dict(diffusers_format.unet_weights(unet1d_folder))  # strict: the same parameters, renamed
+    unet = diffusers.UNet1DModel.from_pretrained(unet1d_folder).eval()
+    scheduler = diffusers.DDIMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02,
+                                        beta_schedule="linear", timestep_spacing="trailing", prediction_type="epsilon",
+                                        clip_sample=False, set_alpha_to_one=True)
+    scheduler.set_timesteps(10)
+    noise = torch.randn((2, 1, 16), generator=torch.Generator().manual_seed(3))
+    x = noise.clone()
+    for t in scheduler.timesteps:
+        x = scheduler.step(unet(x, t).sample, t, x, eta=0.0).prev_sample
+    mine = DDIM(steps=10, spacing="trailing", eta=0.0)(Denoiser(ours, LinearSchedule(), "eps"), noise.clone())
+    assert (mine - noise).abs().max() > 0.1
+    torch.testing.assert_close(mine.clamp(-1, 1), x.clamp(-1, 1), atol=1e-4, rtol=0)
+
+
+def test_a_1d_folder_in_a_run_of_another_dim_is_one_line(unet1d_folder, unet_folder):
+    from diffuse.training.init_weights import use_pretrained_unet
+    for folder, dim in ((unet1d_folder, 2), (unet_folder, 1)):
+        cfg = compose_cfg("train", ["model=diffusers_unet", f"model.pretrained={folder}", f"dim={dim}",
+                                    "conditional=false", "dataset.channels=1" if dim == 2 else "dataset.channels=3"])
+        with pytest.raises(DiffuseError) as e:
+            use_pretrained_unet(cfg)
+        assert "\n" not in str(e.value) and f"this run has dim={dim}" in str(e.value)
+
+
+@pytest.mark.slow
+def test_a_1d_run_fine_tunes_exports_and_loads_in_diffusers(unet1d_folder, tmp_path):
+    """dim=1: train 3 steps from a UNet1DModel folder → export format=diffusers → UNet1DModel / DDIMScheduler
+    .from_pretrained (no diffuse code) sample what `diffuse sample` samples with DDIM on the same noise, to 1e-4.
+    No model_index.json: no diffusers pipeline samples a UNet1DModel with a DDPM scheduler."""
+    common = ["dim=1", "dataset.resolution=16", "dataset.channels=1", "dataset.size=16", "conditional=false",
+              "logger=none", "device=cpu", "trainer.batch_size=2", "trainer.sample_every=0",
+              "trainer.final_animation=false", "objective.prediction=eps", "objective.weighting=none"]
+    proc = run_cli(["train", "model=diffusers_unet", f"model.pretrained={unet1d_folder}", "trainer.max_steps=3",
+                    *common], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (ckpt,) = (tmp_path / "outputs").glob("*/*/checkpoints/last.ckpt")
+    out = tmp_path / "export"
+    proc = run_cli(["export", f"checkpoint={ckpt}", "format=diffusers", f"out={out}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert {p.name for p in out.iterdir()} >= {"unet", "scheduler", "README.md"}
+    assert not (out / "model_index.json").exists() and "UNet1DModel.from_pretrained" in (out / "README.md").read_text()
+    proc = run_cli(["sample", f"checkpoint={ckpt}", "sampler=ddim", "sampler.steps=10", "sampler.spacing=trailing",
+                    "num_samples=2", "seed=0", "device=cpu"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ours = torch.from_numpy(np.load(next((tmp_path / "outputs").glob("*/*/samples.npz")))["x"])
+    assert ours.shape == (2, 1, 16)
+
+    from diffuse.diffusion.samplers import NoiseSource, prior_sample
+    from diffuse.diffusion.schedules import LinearSchedule
+    noise = prior_sample(LinearSchedule(), NoiseSource(range(2)), (1, 16))  # `diffuse sample seed=0`'s start
+    unet = diffusers.UNet1DModel.from_pretrained(out, subfolder="unet").eval()
+    scheduler = diffusers.DDIMScheduler.from_pretrained(out, subfolder="scheduler", set_alpha_to_one=True)
+    scheduler.set_timesteps(10)
+    x = noise.clone()
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            x = scheduler.step(unet(x, t).sample, t, x, eta=0.0).prev_sample
     torch.testing.assert_close(ours, x.clamp(-1, 1), atol=1e-4, rtol=0)
 
 

@@ -1,5 +1,5 @@
 """diffusers' folder format, read into our classes: a pretrained `AutoencoderKL` as our SD-layout VAE, and a
-`UNet2DModel` as the architecture and weights of `model=diffusers_unet`.
+`UNet2DModel` / `UNet1DModel` as the architecture and weights of `model=diffusers_unet`.
 
     FOLDER/config.json                           {"_class_name": "AutoencoderKL", "block_out_channels": […], …}
     FOLDER/diffusion_pytorch_model.safetensors   its weights (or .bin: read with weights_only=True)
@@ -12,8 +12,9 @@ Reading never runs code: config.json is JSON, checked key by key (only Autoencod
 reproduces: SiLU, 32 groups, the standard down/up blocks, quant convs, no shift); the weights are tensors only.
 The scaling factor is the config's `scaling_factor` (SD: 0.18215).
 
-A UNet2DModel folder gives `model=diffusers_unet` its architecture (`unet_architecture`: UNet2DModel's keys,
-which the model takes under the same names) and its weights (`unet_weights`: diffusers' names under "unet.").
+A UNet2DModel (UNet1DModel) folder gives `model=diffusers_unet` its architecture (`unet_architecture`: the class's
+keys, which the model takes under the same names, and dim 2 (1)) and its weights (`unet_weights`: diffusers' names
+under "unet.").
 """
 
 from __future__ import annotations
@@ -59,8 +60,9 @@ def _folder(path: str | Path) -> Path:
     return path if path.is_dir() else path.parent
 
 
-def read_config(folder: Path, expected_class: str) -> dict:
-    """config.json as a dict, refused in one line unless diffusers wrote it for `expected_class`."""
+def read_config(folder: Path, expected_class: str | tuple[str, ...]) -> dict:
+    """config.json as a dict, refused in one line unless diffusers wrote it for `expected_class` (or one of
+    them)."""
     try:
         config = json.loads((folder / CONFIG).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -68,8 +70,9 @@ def read_config(folder: Path, expected_class: str) -> dict:
     if not isinstance(config, dict):
         raise DiffuseError(f"{folder / CONFIG}: not a diffusers config (a JSON object)")
     name = config.get("_class_name")
-    if name != expected_class:
-        raise DiffuseError(f"{folder}: a diffusers {name or 'folder of unknown class'}, not an {expected_class} "
+    expected = (expected_class,) if isinstance(expected_class, str) else expected_class
+    if name not in expected:
+        raise DiffuseError(f"{folder}: a diffusers {name or 'folder of unknown class'}, not an {' or '.join(expected)} "
                            f"(config.json's _class_name)")
     return config
 
@@ -166,40 +169,55 @@ def read_autoencoder_kl(path: str | Path) -> dict:
             "weights": vae_weights(read_weights(folder), node["scale_factor"])}
 
 
-# ----- UNet2DModel ---------------------------------------------------------------------------------------------
-UNET_CLASS = "UNet2DModel"
-UNET_PREFIX = "unet."  # DiffusersUNet holds the UNet2DModel as .unet
-_UNET_ARCHITECTURE = {"block_out_channels", "layers_per_block", "down_block_types", "up_block_types",
-                      "attention_head_dim", "norm_num_groups", "norm_eps", "dropout", "freq_shift", "flip_sin_to_cos",
-                      "center_input_sample", "add_attention", "mid_block_scale_factor", "downsample_padding",
-                      "act_fn", "resnet_time_scale_shift", "time_embedding_type"}
-_UNET_DEFAULTS = {"class_embed_type": None, "mid_block_type": "UNetMidBlock2D", "downsample_type": "conv",
-                  "upsample_type": "conv", "time_embedding_dim": None, "attn_norm_num_groups": None}
-_UNET_OTHER = {"in_channels", "out_channels", "num_class_embeds", "sample_size", "num_train_timesteps"}
+# ----- UNet2DModel / UNet1DModel ------------------------------------------------------------------------------
+UNET_CLASSES = {"UNet2DModel": 2, "UNet1DModel": 1}  # class → the dim model=diffusers_unet builds it at
+UNET_PREFIX = "unet."  # DiffusersUNet holds the diffusers UNet as .unet
+_SHARED = {"block_out_channels", "layers_per_block", "down_block_types", "up_block_types", "norm_num_groups",
+           "freq_shift", "flip_sin_to_cos", "act_fn", "time_embedding_type"}
+_UNET_ARCHITECTURE = {  # per dim: the keys model=diffusers_unet takes under the same names
+    2: _SHARED | {"attention_head_dim", "norm_eps", "dropout", "center_input_sample", "add_attention",
+                  "mid_block_scale_factor", "downsample_padding", "resnet_time_scale_shift"},
+    1: _SHARED | {"mid_block_type", "out_block_type", "use_timestep_embedding", "extra_in_channels",
+                  "downsample_each_block"}}
+_UNET_DEFAULTS = {  # per dim: keys our model builds at one value only
+    2: {"class_embed_type": None, "mid_block_type": "UNetMidBlock2D", "downsample_type": "conv",
+        "upsample_type": "conv", "time_embedding_dim": None, "attn_norm_num_groups": None},
+    1: {"time_embedding_dim": None}}
+_UNET_OTHER = {  # per dim: keys read for the caller to check against the data, or naming no weights
+    2: ("in_channels", "out_channels", "num_class_embeds", "sample_size"),
+    1: ("in_channels", "out_channels", "sample_size")}
+_UNET_IGNORED = {"num_train_timesteps", "sample_rate"}  # not the network's: the scheduler's, an audio rate
 
 
-def unet_architecture(path: str | Path) -> dict:
-    """A diffusers UNet2DModel folder's config → {model key: value} for `model=diffusers_unet`, plus
-    in_channels, out_channels, num_class_embeds and sample_size as the folder has them (for the caller to check
-    against the data). One line for a key or value our model does not take."""
+def unet_architecture(path: str | Path) -> tuple[dict, dict]:
+    """A diffusers UNet2DModel / UNet1DModel folder's config → ({model key: value} for `model=diffusers_unet`,
+    dim included; {in_channels, out_channels, num_class_embeds (None in 1-D), sample_size} as the folder has
+    them, for the caller to check against the data). One line for a key or value our model does not take."""
     folder = _folder(path)
-    config = read_config(folder, UNET_CLASS)
-    unknown = sorted(k for k in config if not k.startswith("_")
-                     and k not in (*_UNET_ARCHITECTURE, *_UNET_DEFAULTS, *_UNET_OTHER))
+    config = read_config(folder, tuple(UNET_CLASSES))
+    name = config["_class_name"]
+    dim = UNET_CLASSES[name]
+    unknown = sorted(k for k in config if not k.startswith("_") and k not in _UNET_IGNORED
+                     and k not in (*_UNET_ARCHITECTURE[dim], *_UNET_DEFAULTS[dim], *_UNET_OTHER[dim]))
     if unknown:
-        raise DiffuseError(f"{folder}: UNet2DModel keys model=diffusers_unet does not take: {unknown}")
-    for key, value in _UNET_DEFAULTS.items():
+        raise DiffuseError(f"{folder}: {name} keys model=diffusers_unet does not take: {unknown}")
+    for key, value in _UNET_DEFAULTS[dim].items():
         if config.get(key, value) != value:
             raise DiffuseError(f"{folder}: {key}={config[key]!r}; model=diffusers_unet builds only {value!r}")
-    out = {k: config[k] for k in _UNET_ARCHITECTURE if k in config}
-    out.update({k: config.get(k) for k in ("in_channels", "out_channels", "num_class_embeds", "sample_size")})
-    return out
+    keys = {k: config[k] for k in _UNET_ARCHITECTURE[dim] if k in config}
+    facts = {k: config.get(k) for k in ("in_channels", "out_channels", "num_class_embeds", "sample_size")}
+    return {**keys, "dim": dim}, facts
+
+
+def unet_class_of(path: str | Path) -> str:
+    """The diffusers class a UNet folder holds (UNet2DModel | UNet1DModel)."""
+    return read_config(_folder(path), tuple(UNET_CLASSES))["_class_name"]
 
 
 def unet_weights(path: str | Path) -> dict[str, Tensor]:
-    """A diffusers UNet2DModel folder's weights under DiffusersUNet's names (tensors only)."""
+    """A diffusers UNet folder's weights under DiffusersUNet's names (tensors only)."""
     folder = _folder(path)
-    read_config(folder, UNET_CLASS)
+    read_config(folder, tuple(UNET_CLASSES))
     return {UNET_PREFIX + k: v for k, v in read_weights(folder).items()}
 
 
@@ -207,7 +225,7 @@ def is_unet_folder(path: str | Path) -> bool:
     if not is_diffusers_folder(path):
         return False
     try:
-        return json.loads((_folder(path) / CONFIG).read_text()).get("_class_name") == UNET_CLASS
+        return json.loads((_folder(path) / CONFIG).read_text()).get("_class_name") in UNET_CLASSES
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
         return False
 
@@ -241,20 +259,29 @@ def scheduler_config(config: dict) -> dict:
             "clip_sample": False, "timestep_spacing": "trailing"}
 
 
-def unet_config(config: dict) -> dict:
-    """A diffusers_unet run's model node → UNet2DModel's constructor keys."""
+def unet_config(config: dict) -> tuple[str, dict]:
+    """A diffusers_unet run's model node → (UNet2DModel | UNet1DModel, its constructor keys)."""
+    from diffuse.models.diffusers_unet import block_types, unet_class
     model = config["model"]
     if model.get("_target_") != DIFFUSERS_UNET:
         raise DiffuseError(f"format=diffusers needs a model with a diffusers counterpart (model=diffusers_unet); "
                            f"this run's is {model.get('_target_')}: export it with format=diffuse")
+    dim = int(model.get("dim", 2))
     channels = int(model["in_channels"])
     classes = int(model.get("num_classes") or 0)
-    arch = {k: model[k] for k in _UNET_ARCHITECTURE if k in model}
-    for key in ("block_out_channels", "down_block_types", "up_block_types"):
-        arch[key] = tuple(arch[key])
-    return {**arch, "in_channels": channels, "out_channels": int(model.get("out_channels") or channels),
-            "sample_size": int((config.get("dataset") or {}).get("resolution") or 32),
-            "num_class_embeds": classes + 1 if classes else None}
+    arch = {k: model[k] for k in _UNET_ARCHITECTURE[dim] if k in model}
+    arch["block_out_channels"] = tuple(arch["block_out_channels"])
+    arch["down_block_types"], arch["up_block_types"] = block_types(
+        dim, len(arch["block_out_channels"]), arch.get("down_block_types"), arch.get("up_block_types"))
+    size = int((config.get("dataset") or {}).get("resolution") or 32)
+    keys = {**arch, "in_channels": channels, "out_channels": int(model.get("out_channels") or channels),
+            "sample_size": size}
+    if dim == 1:
+        keys.update(mid_block_type=arch.get("mid_block_type") or "MidResTemporalBlock1D",
+                    out_block_type=arch.get("out_block_type") or "OutConv1DBlock")
+    else:
+        keys["num_class_embeds"] = classes + 1 if classes else None
+    return unet_class(dim), keys
 
 
 def autoencoder_kl_config(vae: dict) -> dict:
@@ -290,12 +317,17 @@ def to_autoencoder_kl(vae_node: dict, weights: dict[str, Tensor]):
 
 def write_pipeline(folder: Path, config: dict, weights: dict[str, Tensor], vae: dict | None) -> dict[str, Path]:
     """FOLDER/{unet, scheduler[, vae]}/ + model_index.json, as DDPMPipeline.from_pretrained reads them (the VAE,
-    for latent runs, as AutoencoderKL.from_pretrained(FOLDER/vae) reads it). Needs diffusers."""
+    for latent runs, as AutoencoderKL.from_pretrained(FOLDER/vae) reads it). Needs diffusers.
+
+    1-D: unet/ (UNet1DModel) and scheduler/ only, each for from_pretrained(FOLDER, subfolder=…): diffusers has no
+    pipeline that samples a UNet1DModel with a DDPM scheduler (DanceDiffusionPipeline casts the timesteps to float,
+    which DDPM/DDIM schedulers cannot index by), so no model_index.json claims one; the model card has the loop."""
     try:
         import diffusers
     except ImportError:
         raise DiffuseError("format=diffusers needs diffusers: pip install diffusers") from None
-    unet = diffusers.UNet2DModel(**unet_config(config))
+    name, keys = unet_config(config)
+    unet = getattr(diffusers, name)(**keys)
     unet.load_state_dict({k[len(UNET_PREFIX):]: v for k, v in weights.items() if k.startswith(UNET_PREFIX)})
     scheduler = diffusers.DDPMScheduler(**scheduler_config(config))
     paths = {"unet": folder / "unet", "scheduler": folder / "scheduler"}
@@ -304,8 +336,10 @@ def write_pipeline(folder: Path, config: dict, weights: dict[str, Tensor], vae: 
     if vae is not None:
         paths["vae"] = folder / "vae"
         to_autoencoder_kl(vae["config"], vae["weights"]).save_pretrained(paths["vae"])
+    if name != "UNet2DModel":
+        return paths
     index = {"_class_name": "DDPMPipeline", "_diffusers_version": diffusers.__version__,
-             "scheduler": ["diffusers", "DDPMScheduler"], "unet": ["diffusers", "UNet2DModel"]}
+             "scheduler": ["diffusers", "DDPMScheduler"], "unet": ["diffusers", name]}
     paths["model_index"] = folder / "model_index.json"
     paths["model_index"].write_text(json.dumps(index, indent=2) + "\n")
     return paths

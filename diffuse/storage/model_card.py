@@ -61,7 +61,19 @@ def model_card(config: dict, step: int, source: str, fmt: str, metrics: dict | N
              f"{(config.get('guidance') or {}).get('scale', 0)} |",
              f"| latent | {'yes: decode with the VAE in this folder' if (config.get('latent') or {}).get('vae') else 'no'} |",
              ""]
-    if fmt == "diffusers":
+    if fmt == "diffusers" and int(config.get("dim", 2)) == 1:
+        lines += ["## Load it", "", "```python", "import torch",
+                  "from diffusers import DDIMScheduler, UNet1DModel",
+                  "unet = UNet1DModel.from_pretrained(FOLDER, subfolder=\"unet\")",
+                  "scheduler = DDIMScheduler.from_pretrained(FOLDER, subfolder=\"scheduler\")   # or DDPMScheduler",
+                  "scheduler.set_timesteps(50)",
+                  f"x = torch.randn(4, unet.config.in_channels, {dataset.get('resolution', 'LENGTH')})",
+                  "with torch.no_grad():", "    for t in scheduler.timesteps:",
+                  "        x = scheduler.step(unet(x, t).sample, t, x).prev_sample", "```", "",
+                  "The UNet takes diffusers' integer timesteps 0 … T−1; diffuse's t = (i + 1)/T. No diffusers "
+                  "pipeline samples a 1-D UNet with this scheduler (DanceDiffusionPipeline feeds float timesteps), "
+                  "so the folder has no model_index.json: the loop above is the pipeline.", ""]
+    elif fmt == "diffusers":
         lines += ["## Load it", "", "```python", "from diffusers import DDPMPipeline",
                   "pipe = DDPMPipeline.from_pretrained(FOLDER)   # or DDIMPipeline, same folder",
                   "images = pipe(batch_size=4, num_inference_steps=50).images", "```", "",

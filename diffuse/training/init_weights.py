@@ -1,7 +1,7 @@
 """`init_from=PATH`: start a NEW run from another run's weights (fine-tuning, new data, more classes).
 
 PATH is a diffuse checkpoint (file, or a run folder: its checkpoints/last.ckpt), a `diffuse export` folder
-(model.safetensors), a bare .safetensors file, or a diffusers UNet2DModel folder (for model=diffusers_unet;
+(model.safetensors), a bare .safetensors file, or a diffusers UNet2DModel / UNet1DModel folder (for model=diffusers_unet;
 `model.pretrained=PATH` is that, with the folder's architecture too: `use_pretrained_unet`). Checkpoints are read through `load_checkpoint` (weights_only,
 vetted); safetensors hold tensors only. Nothing is built from the file's config: only its weights are
 copied, tensor by tensor, into the model the new run's config built. Optimizer, LR schedule, EMA and step
@@ -20,7 +20,7 @@ from omegaconf import DictConfig, open_dict
 from diffuse.errors import DiffuseError
 from diffuse.storage import hub
 from diffuse.storage.checkpoint import load_checkpoint
-from diffuse.storage.diffusers_format import is_unet_folder, unet_architecture, unet_weights
+from diffuse.storage.diffusers_format import is_unet_folder, unet_architecture, unet_class_of, unet_weights
 from diffuse.storage.export import WEIGHTS, is_export, load_tensors, read_metadata
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ def read_weights(path: str | Path, which: str = "ema", allow_targets=()) -> tupl
         raise DiffuseError(f"init_weights must be one of {', '.join(WHICH)}; got {which!r}")
     p = Path(str(hub.local(str(path)))).expanduser()  # hf://…: downloaded, then read as a local path
     if is_unet_folder(p):
-        return unet_weights(p), {"path": str(p.resolve()), "source": "diffusers UNet2DModel", "weights": "stored",
+        return unet_weights(p), {"path": str(p.resolve()), "source": f"diffusers {unet_class_of(p)}", "weights": "stored",
                                  "step": None}
     if p.is_dir():
         if is_export(p) or (p / WEIGHTS).is_file():
@@ -137,19 +137,22 @@ def use_pretrained_unet(cfg: DictConfig) -> None:
     if cfg.get("init_from"):
         raise DiffuseError(f"model.pretrained={pretrained} and init_from={cfg.init_from}: choose one start")
     pretrained = hub.local(str(pretrained))  # hf://…: downloaded, then read as a local folder
-    arch = unet_architecture(pretrained)
+    arch, facts = unet_architecture(pretrained)
+    if int(cfg.dim) != arch["dim"]:
+        raise DiffuseError(f"model.pretrained={pretrained}: a diffusers {unet_class_of(pretrained)} is "
+                           f"{arch['dim']}-D; this run has dim={cfg.dim}")
     channels = int(cfg.dataset.channels)
     for key in ("in_channels", "out_channels"):
-        if arch[key] is not None and int(arch[key]) != channels:
-            raise DiffuseError(f"model.pretrained={pretrained}: its {key} is {arch[key]}, the data has {channels} "
+        if facts[key] is not None and int(facts[key]) != channels:
+            raise DiffuseError(f"model.pretrained={pretrained}: its {key} is {facts[key]}, the data has {channels} "
                                f"channels (dataset.channels)")
     classes = int(cfg.model.get("num_classes") or 0)
-    if arch["num_class_embeds"] not in (None, classes + 1 if classes else None) and not cfg.get("init_skip_mismatched"):
-        raise DiffuseError(f"model.pretrained={pretrained}: it embeds {arch['num_class_embeds']} classes, this run "
+    if facts["num_class_embeds"] not in (None, classes + 1 if classes else None) \
+            and not cfg.get("init_skip_mismatched"):
+        raise DiffuseError(f"model.pretrained={pretrained}: it embeds {facts['num_class_embeds']} classes, this run "
                            f"{classes} + the null class; init_skip_mismatched=true starts the class embedding afresh")
     with open_dict(cfg):
-        for key in ("in_channels", "out_channels", "num_class_embeds", "sample_size"):
-            arch.pop(key)
+        arch.pop("dim")  # the run's own, checked above (model.dim follows it)
         cfg.model.update(arch)
         cfg.model.pretrained = None
         cfg.init_from = str(Path(str(pretrained)).expanduser().resolve())

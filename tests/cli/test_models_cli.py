@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import MODEL_CASES, TWO_TINY_STEPS, model_overrides, run_cli
+from conftest import MODEL_CASES, TWO_TINY_STEPS, model_overrides, model_takes_labels, run_cli
 
 pytestmark = pytest.mark.slow  # every model in every dim trained and sampled through `diffuse` in subprocesses
 
@@ -19,19 +19,20 @@ def _ok(proc):
 
 def test_train_then_sample_each_model_from_the_cli(tmp_path):
     # every conf/model/*.yaml in each dim its class supports; one multirun per model and resolution
-    runs: dict[tuple[str, str], list[int]] = {}
+    runs: dict[tuple[str, str, bool], list[int]] = {}
     for name, dim in MODEL_CASES:
-        _, _, resolution = model_overrides(name, dim)
-        runs.setdefault((name, resolution), []).append(dim)
-    expected = []
-    for (name, resolution), dims in runs.items():
-        (tmp_path / name).mkdir()
-        _ok(run_cli(["train", "-m", f"model={name}", resolution, "dim=" + ",".join(map(str, dims)), *TWO_TINY_STEPS],
-                    tmp_path / name))
-        expected += [(4, 1, *[int(resolution.split("=")[1])] * dim) for dim in dims]
-    checkpoints = [sorted((tmp_path / name).glob("multirun/*/*/*/checkpoints/last.ckpt"),
-                          key=lambda p: int(p.parents[1].name)) for name, _ in runs]  # job number = the dim's order
-    checkpoints = [ckpt for per_model in checkpoints for ckpt in per_model]
+        resolution = model_overrides(name, dim)[-1]
+        runs.setdefault((name, resolution, model_takes_labels(name, dim)), []).append(dim)
+    expected = []  # (shape, conditional) per checkpoint
+    for (name, resolution, labels), dims in runs.items():
+        folder = tmp_path / f"{name}-{len(expected)}"
+        folder.mkdir()
+        _ok(run_cli(["train", "-m", f"model={name}", resolution, "dim=" + ",".join(map(str, dims)),
+                     f"conditional={str(labels).lower()}", *TWO_TINY_STEPS], folder))
+        expected += [((4, 1, *[int(resolution.split("=")[1])] * dim), labels) for dim in dims]
+        runs[(name, resolution, labels)] = sorted(folder.glob("multirun/*/*/*/checkpoints/last.ckpt"),
+                                                  key=lambda p: int(p.parents[1].name))  # job number: dims' order
+    checkpoints = [ckpt for per_run in runs.values() for ckpt in per_run]
     assert len(checkpoints) == len(MODEL_CASES), checkpoints
     for ckpt in checkpoints:
         metrics = (ckpt.parent.parent / "metrics.jsonl").read_text().splitlines()
@@ -42,11 +43,12 @@ def test_train_then_sample_each_model_from_the_cli(tmp_path):
                         "num_samples=4", "device=cpu"], tmp_path))
     paths = [line.split(": ", 1)[1] for line in proc.stdout.splitlines() if line.startswith("samples: ")]
     assert len(paths) == len(expected)
-    for path, shape in zip(paths, expected):
+    for path, (shape, labels) in zip(paths, expected):
         data = np.load(path)
         assert data["x"].shape == shape, path
         assert np.isfinite(data["x"]).all()
-        assert data["y"].tolist() == [0, 1, 2, 3]  # conditional by default: one row per class
+        if labels:
+            assert data["y"].tolist() == [0, 1, 2, 3]  # conditional: one row per class
 
 
 def test_unknown_attention_backend_is_a_one_line_error(tmp_path):
