@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from diffuse.errors import DiffuseError
+from diffuse.storage.export import load_tensors
 
 CONFIG = "config.json"
 WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
@@ -83,12 +84,10 @@ def read_weights(folder: Path) -> dict[str, Tensor]:
         path = folder / name
         if not path.is_file():
             continue
+        if name.endswith(".safetensors"):
+            return load_tensors(path)
         try:
-            if name.endswith(".safetensors"):
-                from safetensors.torch import load_file
-                state = load_file(str(path))
-            else:
-                state = torch.load(path, map_location="cpu", weights_only=True)
+            state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line answer
             raise DiffuseError(f"{path}: not a file of tensors, refused ({type(e).__name__})") from None
         if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
