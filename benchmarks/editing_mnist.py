@@ -46,6 +46,8 @@ def main() -> None:
     ap.add_argument("--checkpoint", required=True)
     ap.add_argument("--data", required=True, help="the folder holding MNIST/raw")
     ap.add_argument("--n", type=int, default=1000)
+    ap.add_argument("--first", type=int, default=0,
+                    help="the first test digit inpainted (e.g. 1000: digits never looked at; with --inpaint-only)")
     ap.add_argument("--sdedit-n", type=int, default=500)
     ap.add_argument("--out", default="benchmarks/results/editing_mnist.md")
     ap.add_argument("--inpaint-only", action="store_true", help="the inpainting table alone")
@@ -58,7 +60,7 @@ def main() -> None:
     model = prepare_for_sampling(run.model, torch.device("cpu"))
     prediction = parameterization(run.config.get("objective"))
     test = MNISTDataset(root=args.data, split="test")
-    x, y = test.get_batch(torch.arange(args.n), None)
+    x, y = test.get_batch(torch.arange(args.first, args.first + args.n), None)
     clf = load_digit_classifier()
     mask = masks.named_mask("bottom_half", (28, 28))
     out_dir, stem = Path(args.out).parent, Path(args.out).stem  # images: <stem>_inpaint.png, … beside the table
@@ -71,7 +73,7 @@ def main() -> None:
     rows = [("real test digits (ceiling)", "", "", agreement(x, y), float("nan"), float("nan"), float("nan")),
             ("bottom half blank (baseline)", "", "", agreement(blank, y), 0.0,
              (blank - x)[..., 14:, :].flatten(1).norm(dim=1).mean().item(), float("nan"))]
-    grids = {}
+    grids, notes = {}, []
 
     def denoiser(labels, scale):
         return Denoiser(model, run.schedule, prediction, y=labels, guidance_scale=scale)
@@ -88,8 +90,9 @@ def main() -> None:
         ("replacement, ddpm 50", DDPM(50), {"method": "replacement"}, False, 0.0, 50),
         ("RePaint, ddpm 10 × resample 5 (jump 2)", DDPM(10), {"method": "repaint", "jump_length": 2, "resample": 5},
          False, 0.0, 50),
-        (f"labels=infer (the run's classes × 3 passes), then replacement, the run's dpm_solver 10 "
-         f"(w {AUTO_GUIDANCE_SCALE})", own(10), {"method": "replacement"}, "infer", AUTO_GUIDANCE_SCALE, 50),
+        (f"labels=infer ({editing.infer_passes(10)} passes), then replacement, the run's dpm_solver 10 "
+         f"(w {AUTO_GUIDANCE_SCALE})", own(10), {"method": "replacement"}, "infer", AUTO_GUIDANCE_SCALE,
+         editing.infer_passes(10) + 20),
         (f"replacement, the run's dpm_solver 10, true label (w {AUTO_GUIDANCE_SCALE})", own(10),
          {"method": "replacement"}, True, AUTO_GUIDANCE_SCALE, 20),
     ]
@@ -115,7 +118,9 @@ def main() -> None:
         rows.append((name, str(passes), f"{seconds:.3f}", agreement(done, y), known, filled, seconds))
         grids[name] = done[:16]
         if inferred:
-            print(f"labels=infer: the inferred class is the digit's for {(torch.cat(inferred) == y).float().mean():.3f}")
+            notes.append(f"labels=infer: the inferred class is the digit's for "
+                         f"{(torch.cat(inferred) == y).float().mean():.3f} of the {args.n}.")
+            print(notes[-1])
         print(rows[-1], flush=True)
 
     from diffuse import media
@@ -123,7 +128,7 @@ def main() -> None:
     media.save_grid(panel, out_dir / f"{stem}_inpaint.png", nrow=16)
 
     if args.inpaint_only:
-        write(args, run, rows, None, None, None, args.n)
+        write(args, run, rows, None, None, None, args.n, notes=notes)
         return
     sd_rows, sd_grid = [], [x[:16]]
     n = min(args.sdedit_n, args.n)
@@ -183,10 +188,10 @@ def main() -> None:
         walk = sampler.run(denoiser(None, 0.0), path, sampler.grid(run.schedule), None, None).clamp(-1, 1)
     media.save_grid(walk, out_dir / f"{stem}_interpolation.png", nrow=9)
 
-    write(args, run, rows, sd_rows, retarget_rows, inv_rows, n, m)
+    write(args, run, rows, sd_rows, retarget_rows, inv_rows, n, m, notes)
 
 
-def write(args, run, rows, sd_rows, retarget_rows, inv_rows, n, m=0) -> None:
+def write(args, run, rows, sd_rows, retarget_rows, inv_rows, n, m=0, notes=()) -> None:
     stem = Path(args.out).stem
     threads = torch.get_num_threads()
     lines = [
@@ -196,7 +201,7 @@ def write(args, run, rows, sd_rows, retarget_rows, inv_rows, n, m=0) -> None:
         f"weights, network in fp32. Machine: {cpu_name()}, {threads} torch threads. Judge: ccexam's MNIST CNN "
         f"(`diffuse/digit_classifier.py`), which no run here trained. Script: `benchmarks/editing_mnist.py`.",
         "",
-        f"## Inpainting: the bottom half of the first {args.n} test digits, one completion each",
+        f"## Inpainting: the bottom half of test digits {args.first}…{args.first + args.n - 1}, one completion each",
         "",
         "| method | network passes | s per completion | classifier agrees with the digit | max abs error, kept half | L2 to the real bottom half |",
         "|---|---|---|---|---|---|",
@@ -205,7 +210,7 @@ def write(args, run, rows, sd_rows, retarget_rows, inv_rows, n, m=0) -> None:
         known_s = "" if known != known else f"{known:.1e}"
         filled_s = "" if filled != filled else f"{filled:.2f}"
         lines.append(f"| {name} | {passes} | {seconds} | {agree:.3f} | {known_s} | {filled_s} |")
-    lines += ["", f"Rows of `{stem}_inpaint.png`: real, bottom blank, then the methods in the table's order.",
+    lines += ["", *notes, "", f"Rows of `{stem}_inpaint.png`: real, bottom blank, then the methods in the table's order.",
               "", f"![inpainting]({stem}_inpaint.png)", ""]
     if sd_rows is None:
         Path(args.out).write_text("\n".join(lines))

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from diffuse.diffusion import masks
-from diffuse.diffusion.editing import (KnownRegion, infer_labels, inpaint, interpolation_weights, invert, sdedit, sdedit_grid,
-                                       slerp, slerp_path)
+from diffuse.diffusion.editing import (INFER_KEEP, REFINE_TIMES, SCREEN_TIMES, KnownRegion, infer_labels, infer_passes,
+                                       inpaint, interpolation_weights, invert, sdedit, sdedit_grid, slerp, slerp_path)
 from diffuse.diffusion.samplers import DDIM, DDPM, DPMSolverPP, EulerAncestral, Heun, NoiseSource, sample
 from diffuse.diffusion.schedules import CosineSchedule
 from diffuse.errors import DiffuseError
@@ -314,6 +314,41 @@ def test_infer_labels_reads_the_class_from_the_known_region_only():
     known[..., : L // 2] = True
     found = infer_labels(denoiser_for, x, known, 4, NoiseSource(range(64)))
     assert torch.equal(found, y)
-    assert len(calls) == 1 + 4 * 3  # the schedule's, then classes × noise levels
+    # the schedule's, then each class at the screening times, then the 3 kept at the refining times
+    assert len(calls) == 1 + 4 * len(SCREEN_TIMES) + INFER_KEEP * len(REFINE_TIMES)
+    assert infer_passes(4) == len(calls) - 1 and infer_passes(2) == 2 * (len(SCREEN_TIMES) + len(REFINE_TIMES))
     blind = infer_labels(denoiser_for, x, ~known, 4, NoiseSource(range(64)))
     assert (blind == y).float().mean() < 0.6  # the other half says nothing of the class
+
+
+def test_infer_labels_never_reads_the_unknown_region():
+    """What the input holds where the mask is False must not sway the class: the network is shown the same
+    tensors whatever lies there (the known pixels' mean fills it), so the classes come out the same."""
+    schedule = CosineSchedule()
+    g = torch.Generator().manual_seed(1)
+    means = torch.randn(12, 1, L, generator=g)
+    x = means[torch.arange(8) % 12] + 0.3 * torch.randn(8, 1, L, generator=g)
+    known = torch.zeros(8, 1, L, dtype=torch.bool)
+    known[..., : L // 3] = True
+    other = torch.where(known, x, torch.randn(8, 1, L, generator=g) * 5)
+    seen = {}
+
+    def spy(key):
+        def denoiser_for(labels):
+            inner = ClassMeansDenoiser(schedule, means, labels)
+
+            class Spy:
+                def eps(self, xt, t):
+                    seen.setdefault(key, []).append(xt.clone())
+                    return inner.eps(xt, t)
+            spy_ = Spy()
+            spy_.schedule = schedule
+            return spy_
+        return denoiser_for
+
+    a = infer_labels(spy("a"), x, known, 12, NoiseSource(range(8)))
+    b = infer_labels(spy("b"), other, known, 12, NoiseSource(range(8)))
+    assert torch.equal(a, b)
+    assert len(seen["a"]) == len(seen["b"]) == 12 * len(SCREEN_TIMES) + INFER_KEEP * len(REFINE_TIMES)
+    assert all(torch.equal(p, q) for p, q in zip(seen["a"], seen["b"]))
+    assert not torch.equal(x, other)

@@ -156,8 +156,8 @@ class Edit:
 
     def inferred_labels(self, z: Tensor, known: Tensor) -> Tensor | None:
         """labels=infer: each input's class from its known region (editing.infer_labels: the run's network as a
-        diffusion classifier, num_classes × 3 passes per input), [n]; None for an unconditional run. Its noise
-        draws with seeds after all the outputs' (seed + outputs + i for input i)."""
+        diffusion classifier, editing.infer_passes(num_classes) passes per input), [n]; None for an unconditional
+        run. Its noise draws with seeds after all the outputs' (seed + outputs + i for input i)."""
         classes = self.session.num_classes
         if not classes:
             log.info("labels=infer: the run is unconditional; nothing to infer")
@@ -169,7 +169,8 @@ class Edit:
             out.append(editing.infer_labels(self._unguided, z[rows].to(self.device), mask.to(self.device),
                                             classes, noise).cpu())
         labels = torch.cat(out)
-        log.info("labels=infer: classes %s", labels.tolist()[:16])
+        log.info("labels=infer: classes %s (%d network passes per input)", labels.tolist()[:16],
+                 editing.infer_passes(classes))
         return labels
 
     def _unguided(self, labels: Tensor) -> Denoiser:
