@@ -55,36 +55,47 @@ def infer_passes(num_classes: int) -> int:
     return num_classes * len(SCREEN_TIMES) + INFER_KEEP * len(REFINE_TIMES)
 
 
+def filled_with_known_mean(known: Tensor, mask: Tensor) -> Tensor:
+    """known [B, C, *S] with the region where mask is False set to the per-channel mean of its known pixels, so
+    nothing the input holds there is ever read. mask: bool [B, 1, *S]."""
+    m = mask.to(known.dtype)
+    mean = (known * m).flatten(2).sum(2) / m.flatten(2).sum(2).clamp_min(1)  # [B, C]
+    return torch.where(mask, known, mean.view(*mean.shape, *([1] * (known.dim() - 2))).expand_as(known))
+
+
+def class_errors(denoiser_for: Callable[[Tensor], object], x: Tensor, mask: Tensor, classes: Tensor, times,
+                 noise: NoiseSource) -> Tensor:
+    """[B, k]: Σ over `times` of ‖mask ⊙ (ε̂(α_t x + σ_t ε, t | c) − ε)‖² for the classes [B, k] of each row of x,
+    one fresh noise ε per time (drawn from `noise`, a row per input) shared by all k classes of a row, so the
+    classes are compared on equal terms. One call of denoiser_for per network pass."""
+    m = mask.to(x.dtype)
+    total = torch.zeros(classes.shape, dtype=torch.float32, device=x.device)
+    for t in times:
+        denoisers = [denoiser_for(labels) for labels in classes.T]
+        schedule, t = denoisers[0].schedule, torch.as_tensor(float(t), dtype=torch.float64)
+        eps = noise.randn(x.shape[1:]).to(x.dtype)
+        xt = schedule.alpha(t).float() * x + schedule.sigma(t).float() * eps
+        total += torch.stack([((d.eps(xt, t) - eps) ** 2 * m).flatten(1).sum(1) for d in denoisers], 1)
+    return total
+
+
 def infer_labels(denoiser_for: Callable[[Tensor], object], known: Tensor, mask: Tensor, num_classes: int,
                  noise: NoiseSource) -> Tensor:
     """[B] classes of the inputs `known` [B, C, *S] from their known region (mask True), by the diffusion
     classifier (Li et al. 2023) on those pixels only:
-        ĉ = argmin_c Σ_k ‖mask ⊙ (ε̂(α_k x + σ_k ε_k, t_k | c) − ε_k)‖²,
-    the same noises ε_k (drawn from `noise`, a row per input) for every class, so the classes are compared on
-    equal terms. As in their paper's adaptive scheme, all classes are screened at SCREEN_TIMES and only the
-    INFER_KEEP lowest go on to REFINE_TIMES (the sum runs over all the times a class was scored at).
-    What the input holds where mask is False is never read: x there is the per-channel mean of its known
-    pixels. denoiser_for(labels [B]) gives the unguided Denoiser of those labels. infer_passes(num_classes)
-    network passes per input."""
-    schedule = denoiser_for(torch.zeros(len(known), dtype=torch.long, device=known.device)).schedule
+        ĉ = argmin_c Σ_k ‖mask ⊙ (ε̂(α_k x + σ_k ε_k, t_k | c) − ε_k)‖²  (class_errors).
+    As in their paper's adaptive scheme, all classes are screened at SCREEN_TIMES and only the INFER_KEEP
+    lowest go on to REFINE_TIMES (the sum runs over all the times a class was scored at). What the input holds
+    where mask is False is never read (filled_with_known_mean). denoiser_for(labels [B]) gives the unguided
+    Denoiser of those labels. infer_passes(num_classes) network passes per input."""
     mask = mask.to(known.device).expand(len(known), 1, *known.shape[2:])
-    m = mask.to(known.dtype)
-    mean = (known * m).flatten(2).sum(2) / m.flatten(2).sum(2).clamp_min(1)  # [B, C]
-    x = torch.where(mask, known, mean.view(*mean.shape, *([1] * (known.dim() - 2))).expand_as(known))
-
-    def errors(t, classes: Tensor) -> Tensor:  # classes [B, k] → [B, k] masked ‖ε̂ − ε‖² at one fresh noise
-        t = torch.as_tensor(float(t), dtype=torch.float64)
-        eps = noise.randn(known.shape[1:]).to(known.dtype)
-        xt = schedule.alpha(t).float() * x + schedule.sigma(t).float() * eps
-        return torch.stack([((denoiser_for(labels).eps(xt, t) - eps) ** 2 * m).flatten(1).sum(1)
-                            for labels in classes.T], 1)
-
+    x = filled_with_known_mean(known, mask)
     candidates = torch.arange(num_classes, device=known.device).expand(len(known), num_classes)
-    total = sum(errors(t, candidates) for t in SCREEN_TIMES)
+    total = class_errors(denoiser_for, x, mask, candidates, SCREEN_TIMES, noise)
     if num_classes > INFER_KEEP:
         total, kept = total.topk(INFER_KEEP, dim=1, largest=False)
         candidates = candidates.gather(1, kept)
-    total = total + sum(errors(t, candidates) for t in REFINE_TIMES)
+    total = total + class_errors(denoiser_for, x, mask, candidates, REFINE_TIMES, noise)
     return candidates.gather(1, total.argmin(1, keepdim=True)).squeeze(1)
 
 
