@@ -52,7 +52,7 @@ JOBS = {
                  "kid_subsets": Int(1), "prc_neighborhood": Int(1), "memorization_k": Int(2),
                  "memorization_threshold": Float(0, 1, open_lo=True), "memorization_max_train": Int(2)},
     "edit": {**COMMON, **GUIDANCE, "mode": Choice("inpaint", "img2img", "invert", "interpolate"),
-             "input.count": Int(1), "num_samples": Int(1), "method": Choice("replacement", "reconstruction", "repaint"), "reconstruction_weight": Float(0),
+             "input.count": Int(1), "num_samples": Int(1), "method": Choice("auto", "replacement", "reconstruction", "repaint"), "reconstruction_weight": Float(0),
              "jump_length": Int(1), "resample": Int(1), "strength": Float(0, 1, open_lo=True), "frames": Int(2),
              "batch_size": Int(1), "precision": PRECISION, "use_ema": BOOL, "view": Choice("slices", "mip"),
              "animation.enabled": BOOL, "animation.frames": Int(2), "animation.fps": Int(1),

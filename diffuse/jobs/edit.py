@@ -1,6 +1,6 @@
 """`diffuse edit`: a trained run used on items of your own (diffusion/editing.py does the math).
 
-  mode=inpaint      fill in where `mask` is False: num_samples completions per input (method replacement |
+  mode=inpaint      fill in where `mask` is False: num_samples completions per input (method auto | replacement |
                     reconstruction | repaint)
   mode=img2img      SDEdit: the input noised to t = strength, then the run's sampler (labels=K turns it into class K)
   mode=invert       encode each input to noise along the probability-flow ODE and decode it back
@@ -111,6 +111,17 @@ def _read_run_dataset(run_config, root, count: int) -> tuple[Tensor, Tensor | No
         log.info("the run's dataset has no held-out items: editing its first %d training items", count)
     n = min(count, len(items))
     return items.get_batch(torch.arange(n), torch.Generator().manual_seed(0))
+
+
+def inpaint_method(method: str, follows_a_class: bool) -> str:
+    """method=auto: replacement where the completions follow a class (the class steers the filled region, and
+    reconstruction guidance on top overshoots it), reconstruction where they follow none (there only its gradient
+    lets the known region steer what is filled in). docs/editing.md has the MNIST numbers behind it."""
+    if method != "auto":
+        return method
+    chosen = "replacement" if follows_a_class else "reconstruction"
+    log.info("method=auto: %s (the completions follow %s)", chosen, "a class" if follows_a_class else "no class")
+    return chosen
 
 
 class Edit:
@@ -266,12 +277,13 @@ class Edit:
         rows_x, rows_y, k = self._repeated(z, y)
         rows_mask = latent_mask.repeat_interleave(k, 0)
         labels = self._labels_for(z, latent_mask, rows_y, k)
+        method = inpaint_method(str(self.cfg.method), labels is not None)
         outs, anim = [], []
         for rows in self.batches(len(rows_x)):
             noise = NoiseSource(range(int(self.cfg.seed) + rows.start, int(self.cfg.seed) + rows.stop), self.device)
             states: list[Tensor] = []
             out = editing.inpaint(self.denoiser(labels, rows), self.sampler,
-                                  rows_x[rows].to(self.device), rows_mask[rows], noise, method=str(self.cfg.method),
+                                  rows_x[rows].to(self.device), rows_mask[rows], noise, method=method,
                                   jump_length=int(self.cfg.jump_length), resample=int(self.cfg.resample),
                                   reconstruction_weight=float(self.cfg.reconstruction_weight),
                                   callback=self._recorder(states))
@@ -280,7 +292,7 @@ class Edit:
         completed = editing.paste(self.decode(torch.cat(outs)), x.repeat_interleave(k, 0), data_mask.repeat_interleave(k, 0))
         shown = torch.where(data_mask, x, torch.full_like(x, -1.0))  # the input with the region to fill in blank
         grid = torch.cat([x[:, None], shown[:, None], completed.view(n, k, *x.shape[1:])], 1).flatten(0, 1)
-        result = {"inputs": x, "masks": data_mask, "outputs": completed.view(n, k, *x.shape[1:]),
+        result = {"inputs": x, "masks": data_mask, "outputs": completed.view(n, k, *x.shape[1:]), "method": method,
                   "_count": len(completed), "_grid": (grid, k + 2), "_frames": self._frames(anim)}
         if self.vae is not None:
             result["latent_masks"] = latent_mask

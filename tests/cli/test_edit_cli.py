@@ -89,12 +89,17 @@ def test_inputs_from_a_samples_file_and_from_a_folder(run, tmp_path):
     _ok(res)
     edits = np.load(paths["edits"])
     assert np.array_equal(edits["inputs"], x[:3]) and edits["labels"][:, 0].tolist() == [0, 1, 2]
+    assert str(edits["method"]) == "replacement"  # method=auto: the completions follow the inputs' classes
     (tmp_path / "pngs").mkdir()
     for i in range(3):
         Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(tmp_path / "pngs" / f"{i}.png")
     res, paths = _edit(ckpt, tmp_path, f"input.path={tmp_path / 'pngs'}", "mode=img2img", "strength=0.3")
     _ok(res)
     assert np.load(paths["edits"])["inputs"].shape == (3, 1, 8, 8)
+    res, paths = _edit(ckpt, tmp_path, f"input.path={tmp_path / 'pngs'}", "mask=left_half")
+    _ok(res)
+    edits = np.load(paths["edits"])
+    assert "labels" not in edits and str(edits["method"]) == "reconstruction"  # no labels: no class to follow
 
 
 def test_bad_inputs_are_one_line(run, tmp_path):
@@ -119,6 +124,7 @@ def test_bad_inputs_are_one_line(run, tmp_path):
         (["labels=9"], r"labels=9 but the run has 4 classes"),
         (["mode=interpolate", "labels=infer"], "labels=infer reads each input's class .* not interpolate"),
         (["mode=blend"], "mode must be one of inpaint, img2img, invert, interpolate"),
+        (["method=blur"], "method must be one of auto, replacement, reconstruction, repaint; got blur"),
     ]
     for args, message in cases:
         res, _ = _edit(ckpt, tmp_path, *args)
