@@ -52,6 +52,10 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/editing_mnist.md")
     ap.add_argument("--inpaint-only", action="store_true", help="the inpainting table alone")
     ap.add_argument("--only", default=None, help="inpainting rows whose name contains this (e.g. labels=infer)")
+    ap.add_argument("--weights", default=None,
+                    help="instead of the rows above: reconstruction guidance at these weights (0 = replacement), "
+                         "with the true label (the run's dpm_solver 10, w 1.1) and without (dpm_solver 20), e.g. "
+                         "0,2,5,10,20: what method=auto's choice rests on")
     ap.add_argument("--run-label", default="the default recipe `diffuse train dataset=mnist`",
                     help="how the table names the run")
     args = ap.parse_args()
@@ -96,6 +100,14 @@ def main() -> None:
         (f"replacement, the run's dpm_solver 10, true label (w {AUTO_GUIDANCE_SCALE})", own(10),
          {"method": "replacement"}, True, AUTO_GUIDANCE_SCALE, 20),
     ]
+    if args.weights:
+        configs = []
+        for labelled, steps, scale in ((True, 10, AUTO_GUIDANCE_SCALE), (False, 20, 0.0)):
+            for w in (float(v) for v in args.weights.split(",")):
+                kw = {"method": "reconstruction", "reconstruction_weight": w} if w else {"method": "replacement"}
+                configs.append((f"{kw['method']}{f' w {w:g}' if w else ''}, the run's dpm_solver {steps}, "
+                                f"{f'true label (w {scale})' if labelled else 'no label'}", own(steps), kw, labelled,
+                                scale, 20))
     if args.only:
         configs = [c for c in configs if args.only in c[0]]
     for name, sampler, kw, labelled, scale, passes in configs:
