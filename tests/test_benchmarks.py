@@ -118,8 +118,8 @@ def test_editing_scripts_on_a_tiny_mnist_run(shared_data, tmp_path):
                               str(tmp_path / "weights.md")], capture_output=True, text=True, env=env, cwd=scripts)
     assert weights.returncode == 0, weights.stderr[-2000:]
     table = [line for line in (tmp_path / "weights.md").read_text().splitlines() if line.startswith("| ")]
-    assert len(table) == 2 + 2 + 4  # header, rule, ceiling, baseline, then w ∈ {0, 5} with and without the label
-    assert all("| 0.0e+00 |" in line for line in table[4:])  # the kept half is the input
+    assert len(table) == 1 + 2 + 4  # header, ceiling, baseline, then w ∈ {0, 5} with and without the label
+    assert all("| 0.0e+00 |" in line for line in table[3:])  # the kept half is the input
 
 
 def test_repaint_against_diffusers_pipeline(tmp_path):
