@@ -31,8 +31,8 @@ def main() -> None:
         x, m, out = (torch.from_numpy(edits[k]) for k in ("inputs", "masks", "outputs"))
         labels = torch.from_numpy(edits["labels"]) if "labels" in edits else None
     n, k = out.shape[:2]
-    _, y = MNISTDataset(root=args.data, split="test").get_batch(torch.arange(n), None)
-    if not torch.equal(MNISTDataset(root=args.data, split="test").get_batch(torch.arange(n), None)[0], x):
+    real, y = MNISTDataset(root=args.data, split="test").get_batch(torch.arange(n), None)
+    if not torch.equal(real, x):
         raise SystemExit("the edits' inputs are not the first test digits in order")
     judge = load_digit_classifier()
     blank = torch.where(m, x, torch.full_like(x, -1.0))

@@ -44,18 +44,6 @@ def random_unet():
                        attention_head_dim=64)
 
 
-def ours_model(folder: Path):
-    """Our DiffusersUNet with the folder's architecture and weights (what model.pretrained=FOLDER builds)."""
-    from diffuse.models.diffusers_unet import DiffusersUNet
-    from diffuse.storage import diffusers_format
-
-    arch, facts = diffusers_format.unet_architecture(folder)
-    arch = {k: v for k, v in arch.items() if k != "dim"}
-    model = DiffusersUNet(in_channels=facts["in_channels"], num_timesteps=1000, **arch).eval()
-    model.load_state_dict(diffusers_format.unet_weights(folder))
-    return model
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--unet", type=Path, help="a diffusers UNet2DModel folder (ε-prediction); default: random")
@@ -77,6 +65,7 @@ def main() -> None:
     from diffuse.diffusion.guidance import Denoiser
     from diffuse.diffusion.samplers import DDPM, NoiseSource
     from diffuse.diffusion.schedules import LinearSchedule
+    from diffuse.storage.diffusers_format import unet_model
 
     with tempfile.TemporaryDirectory() as scratch:
         folder = args.unet
@@ -84,7 +73,7 @@ def main() -> None:
             folder = Path(scratch) / "unet"
             random_unet().save_pretrained(folder)
         peer_unet = UNet2DModel.from_pretrained(folder).eval()
-        ours_unet = ours_model(folder)
+        ours_unet = unet_model(folder)  # the folder as our DiffusersUNet
     c, size = peer_unet.config.in_channels, peer_unet.config.sample_size
     size = size if isinstance(size, int) else size[0]
     shape = (args.batch, c, size, size)

@@ -153,11 +153,7 @@ def unet_folder(tmp_path_factory) -> Path:
 
 
 def _ours(folder: Path):
-    from diffuse.models.diffusers_unet import DiffusersUNet
-    arch, facts = diffusers_format.unet_architecture(folder)
-    model = DiffusersUNet(in_channels=facts["in_channels"], num_timesteps=1000, **arch).eval()
-    model.load_state_dict(diffusers_format.unet_weights(folder))
-    return model
+    return diffusers_format.unet_model(folder)
 
 
 @pytest.mark.parametrize("kind,spacing", [("ddim", "trailing"), ("ddim", "leading"), ("dpm_solver", "trailing")])
@@ -318,9 +314,8 @@ def test_a_1d_diffusers_unet_samples_as_diffusers_ddim_does(unet1d_folder):
     assert arch["dim"] == 1 and arch["mid_block_type"] == "MidResTemporalBlock1D" and facts["in_channels"] == 1
     assert facts["num_class_embeds"] is None
     assert diffusers_format.unet_class_of(unet1d_folder) == "UNet1DModel"
-    from diffuse.models.diffusers_unet import DiffusersUNet
-    ours = DiffusersUNet(in_channels=1, num_timesteps=1000, **arch).eval()
-    ours.load_state_dict(diffusers_format.unet_weights(unet1d_folder))  # strict: the same parameters, renamed
+    ours = diffusers_format.unet_model(unet1d_folder)  # strict: the same parameters, renamed
+    assert ours.dim == 1
     unet = diffusers.UNet1DModel.from_pretrained(unet1d_folder).eval()
     scheduler = diffusers.DDIMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02,
                                         beta_schedule="linear", timestep_spacing="trailing", prediction_type="epsilon",

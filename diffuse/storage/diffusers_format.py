@@ -220,6 +220,16 @@ def unet_weights(path: str | Path) -> dict[str, Tensor]:
     return {UNET_PREFIX + k: v for k, v in read_weights(folder).items()}
 
 
+def unet_model(path: str | Path, num_timesteps: int | None = 1000):
+    """A DiffusersUNet with a diffusers UNet folder's architecture and weights (strict: the same parameters,
+    renamed), in eval mode: the folder as our model, for code that holds no run config."""
+    from diffuse.models.diffusers_unet import DiffusersUNet
+    arch, facts = unet_architecture(path)
+    model = DiffusersUNet(in_channels=facts["in_channels"], num_timesteps=num_timesteps, **arch)
+    model.load_state_dict(unet_weights(path))
+    return model.eval()
+
+
 def is_unet_folder(path: str | Path) -> bool:
     if not is_diffusers_folder(path):
         return False
